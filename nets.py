@@ -1,0 +1,121 @@
+"""Build any model of the toolkit by name, load weights, and rebuild a model from a checkpoint.
+
+Names: the compact students ``lite`` and ``lab`` (student_model.py) and torchvision's
+segmentation models (``fcn_resnet50``, ``fcn_resnet101``, ``deeplabv3_resnet50``,
+``deeplabv3_resnet101``, ``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``).
+
+Every checkpoint this repo writes holds ``model`` (a state dict) and ``model_args``
+(``{'arch': ..., 'num_classes': ...}``), so ``build_model(**model_args)`` rebuilds it alone.
+"""
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import torch
+from torchvision.models import segmentation as tv_seg
+
+from utils import UserError
+
+STUDENT_ARCHS = ("lite", "lab")
+TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                     "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+TEACHER_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+
+def build_model(arch, num_classes=21, pretrained=False):
+    """A model by name; ``pretrained`` downloads torchvision's weights (backbone for students)."""
+    if arch in STUDENT_ARCHS:
+        from student_model import CompactStudentModel
+        return CompactStudentModel(variant=arch, num_classes=num_classes,
+                                   pretrained_backbone=pretrained)
+    if arch not in TORCHVISION_ARCHS:
+        raise UserError(f"unknown model {arch!r}; choose one of "
+                        f"{', '.join(STUDENT_ARCHS + TORCHVISION_ARCHS)}")
+    builder = getattr(tv_seg, arch)
+    extra = {} if arch.startswith("lraspp") else {"aux_loss": True}
+    if not pretrained:
+        # weights_backbone=None: no ImageNet download for a randomly initialised model
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+    if num_classes != 21:
+        raise UserError(f"torchvision's pretrained {arch} predicts 21 VOC classes, not "
+                        f"{num_classes}; use --weights none or a checkpoint")
+    weights = tv_seg.get_model_weights(arch).DEFAULT
+    try:
+        return builder(weights=weights, **extra)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(
+            f"could not download torchvision's {arch} weights ({reason}); offline, copy "
+            f"{weights.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or pass "
+            "a local state dict as the weights PATH, or 'none' for random weights") from None
+
+
+def read_checkpoint(path):
+    """``torch.load`` with the errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise UserError(f"{path}: cannot read checkpoint ({reason}); the file is truncated or "
+                        "not a PyTorch file: re-save or re-download it") from None
+
+
+def split_checkpoint(obj):
+    """(state_dict, model_args or None) from a repo checkpoint or a bare state dict."""
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"], obj.get("model_args")
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    raise UserError("checkpoint holds neither a state dict nor a {'model': state_dict} record")
+
+
+def load_state(model, state_dict, path, arch):
+    """``load_state_dict`` that names the mismatch instead of dumping every key."""
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        sample = (result.missing_keys or result.unexpected_keys)[0]
+        raise UserError(f"{path}: weights do not fit {arch} ({len(result.missing_keys)} missing, "
+                        f"{len(result.unexpected_keys)} unexpected keys, e.g. {sample!r}); pass a "
+                        "checkpoint of the same architecture")
+    return model
+
+
+def load_model(arch, weights, num_classes=21):
+    """``weights``: 'default' (torchvision's pretrained), 'none' (random) or a PATH.
+
+    PATH is a bare state dict of ``arch`` or any checkpoint this repo writes; a checkpoint
+    that records another architecture or class count is refused with a clear message.
+    """
+    if weights in ("default", "none"):
+        return build_model(arch, num_classes, pretrained=weights == "default")
+    state, model_args = split_checkpoint(read_checkpoint(weights))
+    if model_args is not None:
+        if model_args.get("arch") != arch or model_args.get("num_classes", num_classes) != num_classes:
+            raise UserError(f"{weights}: checkpoint is a {model_args.get('arch')} with "
+                            f"{model_args.get('num_classes')} classes, not a {arch} with "
+                            f"{num_classes}; pass the matching checkpoint or architecture")
+    model = build_model(arch, num_classes, pretrained=False)
+    try:
+        return load_state(model, state, weights, arch)
+    except RuntimeError as exc:  # same keys, other shapes (e.g. another class count)
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(f"{weights}: weights do not fit {arch} with {num_classes} classes "
+                        f"({reason}); pass a checkpoint of the same architecture") from None
+
+
+def model_from_checkpoint(path):
+    """Rebuild a model from a repo checkpoint alone; returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    state, model_args = split_checkpoint(ckpt)
+    if model_args is None:
+        raise UserError(f"{path}: a bare state dict does not say which model it is; pass a "
+                        "checkpoint written by train_kd.py (it records model_args)")
+    model = build_model(**model_args, pretrained=False)
+    try:
+        load_state(model, state, path, model_args["arch"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit {model_args} ({' '.join(str(exc).split())[:160]})") from None
+    return model, ckpt

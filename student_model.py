@@ -1,0 +1,161 @@
+"""Compact DeepLabV3+-style student for semantic segmentation distillation.
+
+Architecture (``CompactStudentModel``, one class, two variants)::
+
+    image -> MobileNetV3-Small .features (last stage dilated, output stride 16)
+               |-- 'low'  tap -> 1x1 conv to 48 ch + BN + ReLU ------------------.
+               |-- 'mid'  tap (returned for feature distillation only)           |
+               '-- 'high' tap -> ASPP [1x1 | 3x3 r6 | 3x3 r12 | 3x3 r18 | image  |
+                                  pooling] -> concat -> 1x1 + BN + ReLU           |
+                                  -> Dropout(0.5) -> bilinear up to skip size --> concat
+             -> two 3x3 convs (+BN+ReLU) -> Dropout(0.5) -> 1x1 classifier
+             -> bilinear upsampling (align_corners=False) to the input H x W
+
+* ``'lab'``: the lab's example as written: 256-channel ASPP and decoder, full 3x3 convs.
+* ``'lite'`` (default): every 3x3 conv is depthwise-separable (depthwise 3x3 dilated +
+  BN + ReLU, then pointwise 1x1 + BN + ReLU), ASPP 96 and decoder 64 channels.
+
+Measured feature taps (256 x 256 input; tests/test_student_model.py checks them):
+
+    ======  ========  =====================  ======  ==========================
+    tap     channels  features index         stride  lab's description
+    ======  ========  =====================  ======  ==========================
+    low     24        3 (last 24-ch block)   8       "24 ch, stride ~4"
+    mid     40        6 (last 40-ch block)   16      "40 ch, stride ~8"
+    high    576       12 (final 1x1 conv)    16      "576 ch, stride ~16"
+    ======  ========  =====================  ======  ==========================
+
+The lab's "stride ~4 / ~8" for low/mid are one octave off: MobileNetV3-Small reaches
+stride 4 with 16 channels, 24 channels only at stride 8, 40 channels at stride 16. The
+decoder therefore works at stride 8 (cheap); no stride-4 path is added.
+
+Parameter counts (num_classes=21, all of them used at inference):
+``lite`` 1,202,789 (backbone 927,008 + head 275,781); ``lab`` 5,790,421.
+
+Why dilation gives output stride 16: undilated, blocks 9-12 (96 and 576 channels) follow a
+stride-2 depthwise conv and sit at stride 32. ``mobilenet_v3_small(dilated=True)`` (the
+option torchvision's own DeepLabV3-MobileNetV3 uses) sets that depthwise conv's stride to 1
+and dilates it and the later depthwise convs by 2 with matching padding. The feature map
+stays at stride 16 while each kernel still spans the receptive field it had at stride 32,
+so the ImageNet weights keep their meaning, and the ASPP sees 2x finer features.
+"""
+import sys
+import urllib.error
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
+
+# Head widths: (ASPP channels, decoder channels, separable 3x3 convs?)
+_VARIANTS = {"lab": (256, 256, False), "lite": (96, 64, True)}
+
+
+def _conv_bn_relu(cin, cout, kernel=1, dilation=1):
+    pad = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _conv3x3(cin, cout, dilation, separable):
+    if not separable:
+        return _conv_bn_relu(cin, cout, 3, dilation)
+    depthwise = nn.Sequential(
+        nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+        nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+    return nn.Sequential(depthwise, _conv_bn_relu(cin, cout))
+
+
+class ASPP(nn.Module):
+    def __init__(self, cin, cout, separable, rates=(6, 12, 18)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(cin, cout)] + [_conv3x3(cin, cout, r, separable) for r in rates])
+        # No BatchNorm in the image-pooling branch: its input is 1x1 per image, so in training
+        # with batch 1 BN sees one value per channel and raises (and with small batches its
+        # statistics would be noise). A biased conv + ReLU does the same job.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(_conv_bn_relu(5 * cout, cout), nn.Dropout(0.5))
+
+    def forward(self, x):
+        outs = [branch(x) for branch in self.branches]
+        # 1x1 -> HxW: nearest and bilinear agree for a constant map; nearest is cheaper
+        outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
+        return self.project(torch.cat(outs, 1))
+
+
+def _backbone(pretrained):
+    if pretrained:
+        try:
+            return mobilenet_v3_small(weights=MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+                                      dilated=True).features
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            print(f"warning: could not download MobileNetV3-Small ImageNet weights ({reason}); "
+                  "using random init", file=sys.stderr)
+    return mobilenet_v3_small(weights=None, dilated=True).features
+
+
+class CompactStudentModel(nn.Module):
+    """DeepLabV3+-style head on a dilated MobileNetV3-Small; see the module docstring."""
+
+    FEATURE_CHANNELS = {"low": 24, "mid": 40, "high": 576}
+
+    def __init__(self, variant="lite", num_classes=21, pretrained_backbone=True):
+        super().__init__()
+        if variant not in _VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(_VARIANTS)}")
+        self.model_args = {"arch": variant, "num_classes": num_classes}
+        aspp_ch, dec_ch, separable = _VARIANTS[variant]
+
+        self.backbone = _backbone(pretrained_backbone)
+        # Tap = the last block producing that channel count, found from the blocks themselves
+        # so the indices cannot drift from torchvision's layout silently.
+        last_index = {}
+        for i, block in enumerate(self.backbone):
+            last_index[block.out_channels] = i
+        self._taps = {last_index[ch]: name for name, ch in self.FEATURE_CHANNELS.items()}
+        assert len(self._taps) == 3 and max(self._taps) == len(self.backbone) - 1
+
+        self.aspp = ASPP(576, aspp_ch, separable)
+        self.skip = _conv_bn_relu(24, 48)
+        self.refine = nn.Sequential(_conv3x3(aspp_ch + 48, dec_ch, 1, separable),
+                                    _conv3x3(dec_ch, dec_ch, 1, separable),
+                                    nn.Dropout(0.5))
+        self.classifier = nn.Conv2d(dec_ch, num_classes, 1)
+
+    def forward(self, x, return_features=False):
+        size = x.shape[-2:]
+        feats = {}
+        for i, block in enumerate(self.backbone):
+            x = block(x)
+            if i in self._taps:
+                feats[self._taps[i]] = x
+        skip = self.skip(feats["low"])
+        y = F.interpolate(self.aspp(feats["high"]), size=skip.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        y = self.classifier(self.refine(torch.cat([y, skip], 1)))
+        logits = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return (logits, feats) if return_features else logits
+
+
+class FeatureAdapters(nn.Module):
+    """Training-only 1x1 convs mapping student taps to teacher widths for feature distillation.
+
+    Kept out of ``CompactStudentModel`` so the deployed student and its checkpoints carry
+    no distillation-only weights.
+    """
+
+    def __init__(self, student_channels, teacher_channels):
+        super().__init__()
+        if set(student_channels) != set(teacher_channels):
+            raise ValueError(f"student taps {sorted(student_channels)} and teacher taps "
+                             f"{sorted(teacher_channels)} differ")
+        self.adapters = nn.ModuleDict({name: nn.Conv2d(student_channels[name], teacher_channels[name], 1)
+                                       for name in student_channels})
+
+    def forward(self, feats):
+        unknown = set(feats) - set(self.adapters)
+        if unknown:
+            raise KeyError(f"no adapter for taps {sorted(unknown)}; have {sorted(self.adapters)}")
+        return {name: self.adapters[name](f) for name, f in feats.items()}

@@ -1,0 +1,230 @@
+"""The VOC pipeline: generated trees, joint transforms, the ignore label, bad input."""
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+from torchvision import datasets, tv_tensors
+
+import data
+from conftest import split_ids, voc_dir
+from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset, train_transforms
+from utils import UserError
+
+
+def denormalise(image):
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return image * std + mean
+
+
+# --------------------------------------------------------------------------- generator
+
+def test_generated_tree_reads_through_torchvision_voc(synth_root):
+    for split, count in (("train", 12), ("val", 6), ("trainval", 18)):
+        voc = datasets.VOCSegmentation(str(synth_root), year="2012", image_set=split)
+        assert len(voc) == count
+    image, mask = voc[0]
+    assert image.mode == "RGB" and mask.mode == "P"
+    assert image.size == mask.size
+    labels = set(np.unique(np.array(mask)).tolist())
+    assert labels <= set(range(21)) | {IGNORE_INDEX}
+
+
+def test_generated_tree_has_void_borders_varied_sizes_and_empty_images(tmp_path):
+    data.write_synth_voc(tmp_path, n_train=40, n_val=0, size=64, seed=3)
+    voc = datasets.VOCSegmentation(str(tmp_path), year="2012", image_set="train")
+    masks = [np.array(voc[i][1]) for i in range(len(voc))]
+    sizes = {m.shape for m in masks}
+    assert any(h > w for h, w in sizes) and any(w > h for h, w in sizes)  # portrait and landscape
+    with_objects = [m for m in masks if (m[(m != 255)] > 0).any()]
+    assert 0 < len(with_objects) < len(masks)  # some images hold no object
+    assert all((m == IGNORE_INDEX).any() for m in with_objects)  # VOC-like void borders
+
+
+def test_generator_is_deterministic_and_colour_does_not_give_the_class(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    data.write_synth_voc(a, 5, 0, 48, seed=7)
+    data.write_synth_voc(b, 5, 0, 48, seed=7)
+    for name in split_ids(a, "train"):
+        assert (voc_dir(a) / "JPEGImages" / f"{name}.jpg").read_bytes() == \
+               (voc_dir(b) / "JPEGImages" / f"{name}.jpg").read_bytes()
+    # the same class drawn twice gets different colours
+    rng = np.random.default_rng(0)
+    means = []
+    while len(means) < 3:
+        image, label = data.synth_sample(rng, 64, 64, max_objects=1)
+        inside = label == 4
+        if inside.sum() > 50:
+            means.append(image[inside].mean(0))
+    assert np.ptp(np.stack(means), axis=0).max() > 40
+
+
+# --------------------------------------------------------------------------- transforms
+
+def _coded_pair(h, w, block=32):
+    """A mask of label blocks and an image whose pixel value encodes the label (x10)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    label = ((yy // block) * 3 + (xx // block) * 5 + (xx // (2 * block))) % 21
+    label[:, : block // 2] = IGNORE_INDEX  # an ignore stripe on the left edge
+    code = np.where(label == IGNORE_INDEX, 250, label * 10).astype(np.uint8)
+    image = tv_tensors.Image(torch.from_numpy(np.stack([code] * 3)))
+    return image, tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8)))
+
+
+def _interior(mask, k=7):
+    m = mask.float()[None, None]
+    hi = torch.nn.functional.max_pool2d(m, k, 1, k // 2)
+    lo = -torch.nn.functional.max_pool2d(-m, k, 1, k // 2)
+    return (hi == lo)[0, 0]
+
+
+def test_train_transforms_keep_image_and_mask_aligned():
+    torch.manual_seed(0)
+    transform = train_transforms(crop_size=96)
+    image, mask = _coded_pair(120, 150)
+    flips_seen = set()
+    for _ in range(12):
+        out_image, out_mask = transform(image, mask)
+        assert out_image.shape == (3, 96, 96) and out_mask.shape == (96, 96)
+        assert out_image.dtype == torch.float32 and out_mask.dtype == torch.int64
+        value = denormalise(out_image)[0] * 255
+        # the bilinear image and the nearest mask differ only near block edges: score the
+        # pixels whose 7x7 neighbourhood holds one label
+        interior = _interior(out_mask) & (out_mask != IGNORE_INDEX)
+        agree = (value - out_mask * 10).abs() < 3
+        assert interior.sum() > 1000 and agree[interior].all()
+        # control: the same check fails when the mask is off by 16 pixels
+        shifted = torch.roll(out_mask, 16, dims=1)
+        assert ((value - shifted * 10).abs() < 3)[interior].float().mean() < 0.9
+        # the ignore stripe lies on the left unless the pair was flipped
+        cols = (out_mask == IGNORE_INDEX).float().mean(0)
+        flips_seen.add(bool(cols[-4:].mean() > cols[:4].mean()))
+    assert flips_seen == {True, False}
+
+
+def test_ignore_label_never_becomes_a_class_and_padding_is_ignore():
+    torch.manual_seed(1)
+    image, mask = _coded_pair(40, 50)
+    present = set(torch.unique(mask).tolist())
+    transform = train_transforms(crop_size=200)  # larger than the image even at 2x: padded
+    for _ in range(5):
+        out_image, out_mask = transform(image, mask)
+        assert set(torch.unique(out_mask).tolist()) <= present
+        pad = out_mask[-1, :]  # bottom row lies in the padding (at most 100 rows of content)
+        assert (pad == IGNORE_INDEX).all()
+        pixel = denormalise(out_image)[:, -1, -1]
+        assert torch.allclose(pixel, torch.zeros(3), atol=1e-5)  # image padded with 0
+
+
+def test_eval_dataset_keeps_full_resolution(synth_root):
+    ds = build_dataset(synth_root, "val", download=False)
+    for i in range(len(ds)):
+        image, mask = ds[i]
+        with Image.open(ds.images[i]) as im:
+            assert image.shape[-2:] == (im.height, im.width) == mask.shape
+
+
+def test_grayscale_and_cmyk_images_become_rgb(synth_copy):
+    ids = split_ids(synth_copy, "val")
+    jpg = voc_dir(synth_copy) / "JPEGImages"
+    Image.open(jpg / f"{ids[0]}.jpg").convert("L").save(jpg / f"{ids[0]}.jpg")
+    Image.open(jpg / f"{ids[1]}.jpg").convert("CMYK").save(jpg / f"{ids[1]}.jpg")
+    ds = build_dataset(synth_copy, "val", download=False)
+    for i in (0, 1):
+        assert ds[i][0].shape[0] == 3
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_truncated_jpeg_names_the_file(synth_copy):
+    name = split_ids(synth_copy, "val")[2]
+    path = voc_dir(synth_copy) / "JPEGImages" / f"{name}.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    ds = build_dataset(synth_copy, "val", download=False)
+    with pytest.raises(UserError, match=f"{name}.jpg: cannot read image"):
+        ds[2]
+
+
+def test_mask_label_outside_classes_names_file_and_value(synth_copy):
+    name = split_ids(synth_copy, "val")[0]
+    path = voc_dir(synth_copy) / "SegmentationClass" / f"{name}.png"
+    mask = np.array(Image.open(path))
+    mask[0, 0] = 37
+    data.save_mask(mask, path)
+    ds = build_dataset(synth_copy, "val", download=False)
+    with pytest.raises(UserError, match=rf"{name}.png: mask holds label 37"):
+        ds[0]
+
+
+def test_rgb_mask_is_refused(synth_copy):
+    name = split_ids(synth_copy, "val")[0]
+    path = voc_dir(synth_copy) / "SegmentationClass" / f"{name}.png"
+    Image.open(path).convert("RGB").save(path)
+    with pytest.raises(UserError, match="mask is a RGB image"):
+        build_dataset(synth_copy, "val", download=False)[0]
+
+
+def test_size_mismatch_missing_file_and_missing_split(synth_copy):
+    ids = split_ids(synth_copy, "val")
+    img = voc_dir(synth_copy) / "JPEGImages" / f"{ids[0]}.jpg"
+    Image.open(img).resize((17, 13)).save(img)
+    with pytest.raises(UserError, match="image is .* but its mask"):
+        build_dataset(synth_copy, "val", download=False)[0]
+    (voc_dir(synth_copy) / "JPEGImages" / f"{ids[1]}.jpg").unlink()
+    with pytest.raises(UserError, match=r"val.txt: 1 listed file\(s\) are missing"):
+        build_dataset(synth_copy, "val", download=False)
+    (voc_dir(synth_copy) / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(UserError, match="val.txt: split file is missing"):
+        build_dataset(synth_copy, "val", download=False)
+
+
+def test_empty_split_is_refused(synth_copy):
+    (voc_dir(synth_copy) / "ImageSets" / "Segmentation" / "val.txt").write_text("")
+    with pytest.raises(UserError, match="split under .* is empty"):
+        build_dataset(synth_copy, "val", download=False)
+
+
+def test_failed_download_explains_the_manual_path(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data.datasets, "VOCSegmentation", offline)
+    with pytest.raises(UserError) as err:
+        build_dataset(tmp_path / "nothing", "val", download=True)
+    message = str(err.value)
+    assert "could not be downloaded" in message and "name resolution" in message
+    assert "VOCtrainval_11-May-2012.tar" in message and "VOCdevkit/VOC2012" in message
+    assert "\n" not in message
+    with pytest.raises(UserError, match="downloading is off"):
+        build_dataset(tmp_path / "nothing", "val", download=False)
+
+
+# --------------------------------------------------------------------------- trainaug
+
+def test_trainaug_adds_sbd_without_voc_val_images(synth_root, tmp_path):
+    sbd = tmp_path / "SBD"
+    (sbd / "img").mkdir(parents=True)
+    (sbd / "cls").mkdir()
+    val_ids = split_ids(synth_root, "val")
+    train_ids = split_ids(synth_root, "train")
+    sbd_ids = ["sbd_a", "sbd_b", val_ids[0], train_ids[0]]  # one leaks val, one repeats train
+    for name in sbd_ids:
+        Image.new("RGB", (20, 16), (90, 20, 200)).save(sbd / "img" / f"{name}.jpg")
+        seg = np.zeros((16, 20), dtype=np.uint8)
+        seg[4:10, 5:12] = 12
+        savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": seg}})
+    (sbd / "train.txt").write_text("\n".join(sbd_ids[:2]) + "\n")
+    (sbd / "train_noval.txt").write_text("\n".join(sbd_ids) + "\n")
+    ds = build_dataset(synth_root, "train", train_set="trainaug", sbd_root=sbd,
+                       crop_size=32, download=False)
+    names = [p.rsplit("/", 1)[-1].split(".")[0] for p in ds.images]
+    assert len(ds) == len(train_ids) + 2
+    assert "sbd_a" in names and "sbd_b" in names and val_ids[0] not in names
+    image, mask = ds[names.index("sbd_a")]
+    assert set(torch.unique(mask).tolist()) <= {0, 12, IGNORE_INDEX}
+    with pytest.raises(UserError, match="SBD not found"):
+        build_dataset(synth_root, "train", train_set="trainaug", sbd_root=tmp_path / "none",
+                      download=False)
