@@ -101,3 +101,86 @@ def evaluate_and_report(model, loader, device, title, params, json_path=None, ex
         save_json(results, json_path)
         print(f"results written to {json_path}")
     return results
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; carries the terms and the step for the message."""
+
+
+def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teacher=None,
+                    adapters=None, scaler=None, amp_dtype=None, progress=True):
+    """One pass over ``loader``; returns the mean of every loss term as ``loss_<name>``.
+
+    The teacher runs only for the terms that need it: logits when alpha > 0, features when
+    beta > 0. ``amp_dtype`` (e.g. torch.float16) turns on autocast; the soft losses still
+    compute in float32 (losses.py).
+    """
+    student.train()
+    if adapters is not None:
+        adapters.train()
+    need_logits, need_feats = criterion.alpha > 0, criterion.beta > 0
+    sums, batches = {}, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            t_logits = t_feats = s_feats = None
+            if teacher is not None and (need_logits or need_feats):
+                t_logits, t_feats = teacher(images)
+            if need_feats:
+                logits, s_feats = student(images, return_features=True)
+                s_feats = adapters(s_feats)
+            else:
+                logits = student(images)
+            terms = criterion(logits, targets, t_logits if need_logits else None, s_feats,
+                              t_feats if need_feats else None)
+            total = criterion.total(terms)
+        if not torch.isfinite(total):
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: total="
+                                f"{float(total)} ({shown})")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            optimizer.step()
+        batches += 1
+        for name, value in list(terms.items()) + [("total", total)]:
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        bar.set_postfix(loss=f"{sums['total'] / batches:.4f}")
+    return {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
+
+
+def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou):
+    """The one checkpoint schema: enough to rebuild the model alone, and to resume exactly."""
+    return {
+        "model": student.state_dict(),  # inference weights only: the adapters live apart
+        "model_args": dict(student.model_args),
+        "adapters": adapters.state_dict() if adapters is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": dict(args) if not hasattr(args, "__dict__") else vars(args),
+        "best_miou": best_miou,
+    }
+
+
+def restore_training_state(ckpt, student, adapters, optimizer, scheduler, scaler):
+    """Load a checkpoint written by ``checkpoint_state``; returns (last epoch, best mIoU)."""
+    student.load_state_dict(ckpt["model"])
+    if adapters is not None:
+        if ckpt.get("adapters") is None:
+            raise KeyError("adapters")
+        adapters.load_state_dict(ckpt["adapters"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"], ckpt["best_miou"]

@@ -12,7 +12,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchvision.models import segmentation as tv_seg
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from utils import UserError
 
@@ -119,3 +121,51 @@ def model_from_checkpoint(path):
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit {model_args} ({' '.join(str(exc).split())[:160]})") from None
     return model, ckpt
+
+
+# Feature taps per architecture, resolved here once: name -> (return node, channels).
+# torchvision's ResNet segmentation models dilate layer3/layer4 (output stride 8), so
+# layer1 sits at stride 4 and layer2/layer4 at stride 8.
+RESNET_TAPS = {"low": ("backbone.layer1", 256), "mid": ("backbone.layer2", 512),
+               "high": ("backbone.layer4", 2048)}
+
+
+def feature_channels(arch):
+    """Channels of the 'low', 'mid', 'high' taps of ``arch``."""
+    if arch in STUDENT_ARCHS:
+        from student_model import CompactStudentModel
+        return dict(CompactStudentModel.FEATURE_CHANNELS)
+    if arch in TEACHER_ARCHS:
+        return {name: channels for name, (_, channels) in RESNET_TAPS.items()}
+    raise UserError(f"{arch} has no feature taps for distillation; use one of "
+                    f"{', '.join(STUDENT_ARCHS + TEACHER_ARCHS)}")
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher, frozen in this one place: eval mode, requires_grad off, forward under no_grad.
+
+    ``forward(x)`` returns (full-size logits, {'low', 'mid', 'high'} features). Features of
+    torchvision models come through ``create_feature_extractor`` (no hand-written hooks).
+    """
+
+    def __init__(self, model, arch):
+        super().__init__()
+        self.arch = arch
+        self.channels = feature_channels(arch)
+        if arch in STUDENT_ARCHS:  # a compact model can teach too (the offline demo)
+            self.net = model
+        else:
+            nodes = {node: name for name, (node, _) in RESNET_TAPS.items()}
+            nodes["interpolate"] = "out"  # the main head's logits, upsampled to the input
+            self.net = create_feature_extractor(model, return_nodes=nodes)
+        self.net.eval().requires_grad_(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # model.train() on a parent never unfreezes BN statistics
+
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward
+    def forward(self, x):
+        if self.arch in STUDENT_ARCHS:
+            return self.net(x, return_features=True)
+        out = self.net(x)
+        return out.pop("out"), out

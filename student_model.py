@@ -13,7 +13,7 @@ Architecture (``CompactStudentModel``, one class, two variants)::
 
 * ``'lab'``: the lab's example as written: 256-channel ASPP and decoder, full 3x3 convs.
 * ``'lite'`` (default): every 3x3 conv is depthwise-separable (depthwise 3x3 dilated +
-  BN + ReLU, then pointwise 1x1 + BN + ReLU), ASPP 96 and decoder 64 channels.
+  BN + ReLU, then pointwise 1x1 + BN + ReLU), ASPP and decoder 96 channels.
 
 Measured feature taps (256 x 256 input; tests/test_student_model.py checks them):
 
@@ -30,14 +30,17 @@ stride 4 with 16 channels, 24 channels only at stride 8, 40 channels at stride 1
 decoder therefore works at stride 8 (cheap); no stride-4 path is added.
 
 Parameter counts (num_classes=21, all of them used at inference):
-``lite`` 1,202,789 (backbone 927,008 + head 275,781); ``lab`` 5,790,421.
+``lite`` 1,298,981 (backbone 927,008 + head 371,973); ``lab`` 6,831,637 (head 5,904,629).
 
-Why dilation gives output stride 16: undilated, blocks 9-12 (96 and 576 channels) follow a
-stride-2 depthwise conv and sit at stride 32. ``mobilenet_v3_small(dilated=True)`` (the
-option torchvision's own DeepLabV3-MobileNetV3 uses) sets that depthwise conv's stride to 1
-and dilates it and the later depthwise convs by 2 with matching padding. The feature map
-stays at stride 16 while each kernel still spans the receptive field it had at stride 32,
-so the ImageNet weights keep their meaning, and the ASPP sees 2x finer features.
+Why dilation gives output stride 16: undilated, blocks 9-12 (96 and 576 channels) sit at
+stride 32 because block 9's 5x5 depthwise conv has stride 2. ``mobilenet_v3_small(
+dilated=True)`` (the option torchvision's own DeepLabV3-MobileNetV3 uses) gives the 5x5
+depthwise convs of blocks 9-11 stride 1, dilation 2 and padding 4 (same size out). The
+feature map stays at stride 16 while each kernel still spans the receptive field it had at
+stride 32, so the ImageNet weights keep their meaning, and the ASPP sees 2x finer features.
+
+The image-pooling branch broadcasts its 1x1 output back to H x W (``expand``): that is what
+bilinear upsampling of a 1x1 map gives, without the interpolation call.
 """
 import sys
 import urllib.error
@@ -48,7 +51,7 @@ from torch.nn import functional as F
 from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
 
 # Head widths: (ASPP channels, decoder channels, separable 3x3 convs?)
-_VARIANTS = {"lab": (256, 256, False), "lite": (96, 64, True)}
+_VARIANTS = {"lab": (256, 256, False), "lite": (96, 96, True)}
 
 
 def _conv_bn_relu(cin, cout, kernel=1, dilation=1):
@@ -79,21 +82,29 @@ class ASPP(nn.Module):
 
     def forward(self, x):
         outs = [branch(x) for branch in self.branches]
-        # 1x1 -> HxW: nearest and bilinear agree for a constant map; nearest is cheaper
         outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
         return self.project(torch.cat(outs, 1))
 
 
 def _backbone(pretrained):
+    features = None
     if pretrained:
         try:
-            return mobilenet_v3_small(weights=MobileNet_V3_Small_Weights.IMAGENET1K_V1,
-                                      dilated=True).features
+            features = mobilenet_v3_small(weights=MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+                                          dilated=True).features
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             reason = " ".join(str(exc).split())[:160]
             print(f"warning: could not download MobileNetV3-Small ImageNet weights ({reason}); "
                   "using random init", file=sys.stderr)
-    return mobilenet_v3_small(weights=None, dilated=True).features
+    if features is None:
+        features = mobilenet_v3_small(weights=None, dilated=True).features
+    # torchvision builds MobileNetV3's BatchNorms with momentum 0.01 (long ImageNet runs);
+    # segmentation fine-tuning runs far fewer steps, and at 0.01 the running statistics used
+    # in eval mode lag the weights for hundreds of steps. 0.1 is PyTorch's default.
+    for module in features.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    return features
 
 
 class CompactStudentModel(nn.Module):

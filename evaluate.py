@@ -1,0 +1,94 @@
+"""Evaluate a trained checkpoint on VOC val: mIoU, size, speed, and overlay images.
+
+The model is rebuilt from the checkpoint alone (it records its architecture), and scored
+by the same loop, metric and timing as test_teacher.py.
+
+    python evaluate.py --model_path models/response_kd_best.pth --device auto
+    python evaluate.py --model_path models/no_kd_best.pth --visualize --num_images 8
+    python evaluate.py --model_path models/demo_no_kd_best.pth --data-root data/demo --json outputs/x.json
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import eval_loader
+from engine import evaluate_and_report, logits_of
+from nets import model_from_checkpoint
+from plots import save_overlay
+from utils import count_params, resolve_device, run_cli, save_json
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
+                        help="a checkpoint written by train_kd.py (models/NAME_best.pth)")
+    parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
+    parser.add_argument("--no-download", action="store_true", help="never download VOC")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
+    parser.add_argument("--json", default=None,
+                        help="results JSON (default outputs/<checkpoint name>_eval.json)")
+    parser.add_argument("--visualize", action="store_true",
+                        help="write [image | ground truth | prediction] overlays")
+    parser.add_argument("--num_images", "--num-images", type=int, default=6, dest="num_images",
+                        help="overlays to write: the best and the worst images by per-image mIoU")
+    parser.add_argument("--output-dir", default="outputs", help="where the JSON and overlays go")
+    return parser
+
+
+def pick_gallery(per_image_miou, count):
+    """Indices of the best half and the worst half of ``count`` images by per-image mIoU."""
+    scored = sorted((m, i) for i, m in enumerate(per_image_miou) if m is not None)
+    worst = [i for _, i in scored[: count // 2]]
+    best = [i for _, i in reversed(scored[len(worst):])][: count - len(worst)]
+    return [("success", i) for i in best] + [("failure", i) for i in worst]
+
+
+@torch.inference_mode()
+def write_overlays(model, dataset, device, results, count, out_dir, title):
+    """Predict the chosen images again (cheaper than keeping every prediction) and draw them."""
+    model.eval()
+    paths = []
+    for kind, index in pick_gallery(results["per_image_miou"], count):
+        image, target = dataset[index]
+        pred = logits_of(model(image[None].to(device))).argmax(1)[0].cpu()
+        rgb = np.array(Image.open(dataset.images[index]).convert("RGB"))
+        name = Path(dataset.images[index]).stem
+        miou = results["per_image_miou"][index]
+        path = Path(out_dir) / f"{kind}_{name}.png"
+        save_overlay(rgb, target.numpy(), pred.numpy(), path,
+                     title=f"{title} - {name}: image mIoU {100 * miou:.1f} ({kind})")
+        paths.append(str(path))
+    return paths
+
+
+def main(args):
+    print(f"args: {vars(args)}")
+    device = resolve_device(args.device)
+    model, ckpt = model_from_checkpoint(args.model_path)
+    loader = eval_loader(args.data_root, args.limit, args.workers, not args.no_download)
+    stem = Path(args.model_path).stem
+    json_path = args.json or str(Path(args.output_dir) / f"{stem}_eval.json")
+    arch = ckpt["model_args"]["arch"]
+    extra = {"model": arch, "checkpoint": str(args.model_path), "epoch": ckpt.get("epoch"),
+             "data_root": str(args.data_root)}
+    results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
+                                  None, extra, amp=args.amp)
+    if args.visualize:
+        out_dir = Path(args.output_dir) / f"{stem}_overlays"
+        results["overlays"] = write_overlays(model, loader.dataset, device, results,
+                                             args.num_images, out_dir, stem)
+        print(f"overlays written to {out_dir}/")
+    save_json(results, json_path)
+    print(f"results written to {json_path}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,113 @@
+"""Figures: training curves drawn from a history.jsonl, and segmentation overlays.
+
+Plots are always redrawn from result files, so they can be regenerated without training:
+
+    python plots.py outputs/response_kd/history.jsonl --name response_kd
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
+
+
+def read_history(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_history(history_path, plot_dir, name):
+    """Write ``NAME_loss.png`` (each loss term) and ``NAME_miou.png``; returns their paths."""
+    records = read_history(history_path)
+    if not records:
+        return []
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    epochs = [r["epoch"] for r in records]
+    terms = [k for k in records[-1] if k.startswith("loss_")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in terms:
+        style = "-" if key == "loss_total" else "--"
+        ax.plot(epochs, [r.get(key, np.nan) for r in records], style, marker=".",
+                label=key[len("loss_"):])
+    ax.set(xlabel="epoch", ylabel="train loss (unweighted terms)", title=f"{name}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    loss_png = plot_dir / f"{name}_loss.png"
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * r["val_miou"] for r in records], marker="o")
+    ax.set(xlabel="epoch", ylabel="val mIoU (%)", title=f"{name}: validation mIoU")
+    ax.grid(alpha=0.3)
+    miou_png = plot_dir / f"{name}_miou.png"
+    fig.tight_layout()
+    fig.savefig(miou_png, dpi=120)
+    plt.close(fig)
+    return [loss_png, miou_png]
+
+
+def colorize(label):
+    """(H, W) labels -> (H, W, 3) uint8 in the VOC palette (255 drawn in VOC's void colour)."""
+    return voc_palette()[np.asarray(label, dtype=np.uint8)]
+
+
+def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, alpha=0.55):
+    """[image | ground truth | prediction] with masks blended on the image, plus a legend.
+
+    image: (H, W, 3) uint8; target, pred: (H, W) integer labels.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    target, pred = np.asarray(target), np.asarray(pred)
+
+    def blend(label):
+        out = (1 - alpha) * image + alpha * colorize(label)
+        return out.clip(0, 255).astype(np.uint8)
+
+    present = sorted(set(np.unique(target).tolist()) | set(np.unique(pred).tolist()))
+    present = [c for c in present if c != IGNORE_INDEX and c < len(class_names)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    for ax, panel, label in zip(axes, (image.astype(np.uint8), blend(target), blend(pred)),
+                                ("image", "ground truth", "prediction")):
+        ax.imshow(panel)
+        ax.set_title(label)
+        ax.axis("off")
+    palette = voc_palette() / 255.0
+    handles = [Patch(color=palette[c], label=class_names[c]) for c in present]
+    if (target == IGNORE_INDEX).any():
+        handles.append(Patch(color=palette[IGNORE_INDEX], label="void (ignored)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("history", help="a history.jsonl written by train_kd.py")
+    parser.add_argument("--name", required=True, help="run name used in the file names")
+    parser.add_argument("--plot-dir", default="plots", help="where the PNGs go")
+    return parser
+
+
+def main(args):
+    for path in plot_history(args.history, args.plot_dir, args.name):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
