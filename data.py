@@ -225,7 +225,7 @@ def _file_id(path):
 
 
 def build_dataset(root, split, train_set="voc", crop_size=480, limit=None, download=True,
-                  sbd_root=None, transforms=None):
+                  sbd_root=None, transforms=None, scale=(0.5, 2.0)):
     """The dataset for ``split`` ('train' or 'val') with the matching transforms.
 
     ``train_set='trainaug'`` is VOC train plus SBD, without any VOC val image (SBD's own
@@ -252,7 +252,7 @@ def build_dataset(root, split, train_set="voc", crop_size=480, limit=None, downl
         raise UserError(f"the {split} split under {root} is empty; add ids to its split file or "
                         "generate data with `python data.py synth`")
     if transforms is None:
-        transforms = train_transforms(crop_size) if split == "train" else eval_transforms()
+        transforms = train_transforms(crop_size, scale) if split == "train" else eval_transforms()
     return SegmentationFiles(images, masks, transforms)
 
 
@@ -270,8 +270,12 @@ TEXTURES = ("hstripes", "vstripes", "checker", "dots")
 
 
 def synth_class_recipe(label):
-    """Class ``label`` (1-20) is a (shape, texture) pair; its colours are random per object."""
-    return SHAPES[(label - 1) % len(SHAPES)], TEXTURES[(label - 1) // len(SHAPES)]
+    """Class ``label`` (1-20) is a (shape, texture) pair; its colours are random per object.
+
+    Consecutive labels change the texture first: labels 1-4 are disks with four textures,
+    5-8 squares, and so on, so a generator limited to a few classes stays learnable fast.
+    """
+    return SHAPES[(label - 1) // len(TEXTURES)], TEXTURES[(label - 1) % len(TEXTURES)]
 
 
 def _shape_mask(shape, yy, xx, cy, cx, r):
@@ -305,7 +309,7 @@ def _texture(texture, yy, xx, period, phase):
     raise ValueError(texture)
 
 
-def synth_sample(rng, height, width, max_objects=3, border=3):
+def synth_sample(rng, height, width, max_objects=3, border=3, num_object_classes=NUM_CLASSES - 1):
     """One (RGB uint8 image, uint8 mask) pair.
 
     Objects are shapes filled with a two-colour texture; the class is the (shape, texture)
@@ -323,7 +327,7 @@ def synth_sample(rng, height, width, max_objects=3, border=3):
     label = np.zeros((height, width), dtype=np.uint8)
     n_objects = rng.integers(0, max_objects + 1)
     for _ in range(n_objects):
-        cls = int(rng.integers(1, NUM_CLASSES))
+        cls = int(rng.integers(1, num_object_classes + 1))
         shape, texture = synth_class_recipe(cls)
         r = rng.uniform(0.12, 0.3) * min(height, width)
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
@@ -356,12 +360,15 @@ def save_mask(label, path):
     mask.save(path)
 
 
-def write_synth_voc(root, n_train=200, n_val=50, size=128, seed=0, max_objects=3):
+def write_synth_voc(root, n_train=200, n_val=50, size=128, seed=0, max_objects=3,
+                    num_object_classes=NUM_CLASSES - 1):
     """Write ``root/VOCdevkit/VOC2012`` in VOC's layout; returns that directory.
 
     Sizes vary from 0.75x to 1.25x ``size`` on each side, so landscape, portrait and odd
-    sizes all occur; about one image in ten holds no object.
+    sizes all occur; some images hold no object. Objects take labels 1..num_object_classes.
     """
+    if not 1 <= num_object_classes < NUM_CLASSES:
+        raise UserError(f"--classes {num_object_classes}: use 1 to {NUM_CLASSES - 1} object classes")
     rng = np.random.default_rng(seed)
     voc = Path(root) / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -372,7 +379,8 @@ def write_synth_voc(root, n_train=200, n_val=50, size=128, seed=0, max_objects=3
             h = int(rng.integers(int(0.75 * size), int(1.25 * size) + 1))
             w = int(rng.integers(int(0.75 * size), int(1.25 * size) + 1))
             image, label = synth_sample(rng, h, w, max_objects=max_objects,
-                                        border=max(1, size // 64))
+                                        border=max(1, size // 64),
+                                        num_object_classes=num_object_classes)
             name = f"synth_{split}_{i:05d}"
             Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=92)
             save_mask(label, voc / "SegmentationClass" / f"{name}.png")
@@ -406,6 +414,8 @@ def get_args_parser():
     p.add_argument("--val", type=int, default=50, help="number of validation images")
     p.add_argument("--size", type=int, default=128, help="typical side in pixels (sides vary 0.75-1.25x)")
     p.add_argument("--max-objects", type=int, default=3, help="most objects per image")
+    p.add_argument("--classes", type=int, default=NUM_CLASSES - 1,
+                   help="object classes used, labels 1..N (fewer make a task that trains in minutes)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same tree")
     c = sub.add_parser("check", help="load every image and mask of a VOC tree once and report problems")
     c.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
@@ -414,7 +424,8 @@ def get_args_parser():
 
 def main(args):
     if args.command == "synth":
-        voc = write_synth_voc(args.root, args.train, args.val, args.size, args.seed, args.max_objects)
+        voc = write_synth_voc(args.root, args.train, args.val, args.size, args.seed, args.max_objects,
+                              args.classes)
         print(f"wrote {args.train} train + {args.val} val images to {voc}")
     elif args.command == "check":
         counts = check_tree(args.data_root)

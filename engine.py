@@ -26,7 +26,8 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     """Score ``model`` on ``loader`` (batches of full-size images, usually batch size 1).
 
     Returns a dict with mIoU, pixel accuracy, mean class accuracy, per-class IoU (a name ->
-    value dict, None where undefined), the confusion matrix, per-image mIoU, and timing:
+    value dict, None where undefined), the confusion matrix, per-image mIoU and number of
+    ground-truth classes, and timing:
     ``ms_per_image`` is the median over batches of (model time / images in the batch),
     after ``warmup`` untimed calls on the first batch; ``fps`` is its inverse.
     ``keep(index, target, pred)``, when given, sees every image's prediction (CPU tensors;
@@ -34,7 +35,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     """
     model.eval()
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    per_image, times = [], []
+    per_image, per_image_classes, times = [], [], []
     index = 0
     autocast = torch.autocast(device.type, enabled=amp and device.type in ("cuda", "cpu"))
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -56,6 +57,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
             cm = confusion_matrix(pred, target, num_classes, IGNORE_INDEX)
             confmat += cm
             per_image.append(scores_from_confusion(cm)["miou"])
+            per_image_classes.append(int((cm.sum(1) > 0).sum()))
             if keep is not None:
                 keep(index, target, pred)
             index += 1
@@ -71,6 +73,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         "ms_per_image": ms,
         "fps": 1000 / ms if times else float("nan"),
         "per_image_miou": nan_to_none(per_image),
+        "per_image_gt_classes": per_image_classes,  # classes in each image's ground truth
         "confusion_matrix": confmat.tolist(),
     }
 

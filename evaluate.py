@@ -42,9 +42,15 @@ def get_args_parser():
     return parser
 
 
-def pick_gallery(per_image_miou, count):
-    """Indices of the best half and the worst half of ``count`` images by per-image mIoU."""
-    scored = sorted((m, i) for i, m in enumerate(per_image_miou) if m is not None)
+def pick_gallery(per_image_miou, per_image_gt_classes, count):
+    """Indices of the best half and the worst half of ``count`` images by per-image mIoU.
+
+    Images whose ground truth is background alone are passed over when others exist: a
+    correct all-background answer is no success worth showing.
+    """
+    with_objects = [i for i, n in enumerate(per_image_gt_classes) if n > 1]
+    candidates = with_objects or range(len(per_image_miou))
+    scored = sorted((per_image_miou[i], i) for i in candidates if per_image_miou[i] is not None)
     worst = [i for _, i in scored[: count // 2]]
     best = [i for _, i in reversed(scored[len(worst):])][: count - len(worst)]
     return [("success", i) for i in best] + [("failure", i) for i in worst]
@@ -55,7 +61,8 @@ def write_overlays(model, dataset, device, results, count, out_dir, title):
     """Predict the chosen images again (cheaper than keeping every prediction) and draw them."""
     model.eval()
     paths = []
-    for kind, index in pick_gallery(results["per_image_miou"], count):
+    for kind, index in pick_gallery(results["per_image_miou"], results["per_image_gt_classes"],
+                                    count):
         image, target = dataset[index]
         pred = logits_of(model(image[None].to(device))).argmax(1)[0].cpu()
         rgb = np.array(Image.open(dataset.images[index]).convert("RGB"))

@@ -69,8 +69,9 @@ def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, a
     image = np.asarray(image, dtype=np.float32)
     target, pred = np.asarray(target), np.asarray(pred)
 
-    def blend(label):
-        out = (1 - alpha) * image + alpha * colorize(label)
+    def blend(label):  # colour the objects and void; background keeps the photo visible
+        tinted = label[..., None] != 0
+        out = np.where(tinted, (1 - alpha) * image + alpha * colorize(label), image)
         return out.clip(0, 255).astype(np.uint8)
 
     present = sorted(set(np.unique(target).tolist()) | set(np.unique(pred).tolist()))

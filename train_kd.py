@@ -61,6 +61,8 @@ def get_args_parser():
     g.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false",
                    help="start the student's MobileNetV3 from random weights, not ImageNet")
     g.add_argument("--crop-size", type=int, default=480, help="square training crop (padded)")
+    g.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
+                   help="random rescale range of training images before the crop")
     g.add_argument("--train-set", default="voc", choices=("voc", "trainaug"),
                    help="'voc' (1,464 images) or 'trainaug' (VOC + SBD, 10,582 images)")
     g.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
@@ -129,7 +131,8 @@ def main(args):
 
     # data: the training set is cropped to a fixed size, so it batches; val is full size
     train_set = build_dataset(args.data_root, "train", args.train_set, args.crop_size,
-                              args.limit_train, not args.no_download, args.sbd_root)
+                              args.limit_train, not args.no_download, args.sbd_root,
+                              scale=tuple(args.scale_range))
     if len(train_set) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(train_set)} images); lower --batch-size")
