@@ -1,24 +1,40 @@
 """Size and speed of the teacher and the students, measured side by side in one process.
 
-For each model: inference parameters, GFLOPs (torch.utils.flop_counter) and latency at
-batch 1, median and p90. The models are timed interleaved (run r of every model, then run
-r+1), after warm-up and with device synchronisation, so background load on a shared machine
-hits them alike and the ratios stay meaningful. Weights are random: speed does not depend
-on them.
+For each model: parameters (inference, and total with the training-only feature adapters
+of the students), GFLOPs (torch.utils.flop_counter), checkpoint size on disk, latency at
+batch 1 (median and p90), throughput at batch --batch (images/s) and peak memory of one
+batch-1 forward. The models are timed interleaved (run r of every model, then run r+1),
+after warm-up and with device synchronisation, so background load on a shared machine hits
+them alike and the ratios stay meaningful. Weights are random: speed does not depend on them.
+
+Models above --slow-gflops (the teacher) get --slow-runs timed calls instead of --runs, and
+--slow-batch-runs at batch --batch, so the whole CPU benchmark stays within a few minutes.
+Peak memory: on CUDA torch.cuda.max_memory_allocated minus what was allocated before the
+call; on CPU and MPS the peak of live tensor bytes created during the forward, tracked op by
+op with a TorchDispatchMode (activations and outputs; weights and the input excluded, and
+allocator overhead and library scratch buffers not seen), so it is an estimate.
 
     python benchmark.py --device cpu
     python benchmark.py --device cuda --size 520 --runs 50 --json outputs/benchmark_cuda.json
     python benchmark.py --models lite lraspp_mobilenet_v3_large --threads 1
+    python benchmark.py --device cpu --json out.json   # also writes out.md (the table)
+    python benchmark.py --train-cost --size 256 --runs 10   # KD step: every term vs Hinton
 """
 import argparse
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine import logits_of
-from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model
+from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
 from utils import count_params, device_name, resolve_device, run_cli, save_json, synchronize
 
 
@@ -26,18 +42,37 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+",
-                        default=["fcn_resnet50", "lab", "lite", "lraspp_mobilenet_v3_large"],
+                        default=["fcn_resnet50", "lab", "lite", "lraspp_mobilenet_v3_large",
+                                 "deeplabv3_mobilenet_v3_large"],
                         choices=STUDENT_ARCHS + TORCHVISION_ARCHS,
                         help="models to measure; the first is the reference for speed-ups")
     parser.add_argument("--device", default="cpu", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--size", type=int, default=520, help="square input side in pixels")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model first")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the throughput runs")
+    parser.add_argument("--batch-runs", type=int, default=3,
+                        help="timed calls per model at --batch (throughput)")
+    parser.add_argument("--slow-gflops", type=float, default=50.0,
+                        help="models above this many GFLOPs at batch 1 get the --slow-* run counts")
+    parser.add_argument("--slow-runs", type=int, default=4,
+                        help="timed batch-1 calls of a slow model (the teacher)")
+    parser.add_argument("--slow-batch-runs", type=int, default=1,
+                        help="timed calls at --batch of a slow model")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     parser.add_argument("--amp", action="store_true",
                         help="autocast (fp16 on CUDA/MPS, bf16 on CPU)")
-    parser.add_argument("--json", default="outputs/benchmark.json", help="results JSON")
+    parser.add_argument("--json", default="outputs/benchmark.json",
+                        help="results JSON; the Markdown table goes next to it as .md")
+    # training cost of the distillation terms (instead of the inference benchmark)
+    parser.add_argument("--train-cost", action="store_true",
+                        help="time a full KD training step (teacher fcn_resnet50, student lite, "
+                             "batch --train-batch at --size): Hinton-only vs every term on; "
+                             "try --size 256")
+    parser.add_argument("--train-batch", type=int, default=2, help="batch of --train-cost steps")
+    parser.add_argument("--train-cost-json", default="outputs/benchmark_train_cost.json",
+                        help="results JSON of --train-cost")
     return parser
 
 
@@ -50,16 +85,23 @@ def gflops(model, x):
 
 
 def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
-    """{name: [seconds per call]}: one call of each model per round, rounds repeated."""
+    """{name: [seconds per call]}: one call of each model per round, rounds repeated.
+
+    ``runs`` is one count for all, or {name: count}: a model with fewer runs sits out the
+    last rounds (the slow teacher), the others stay interleaved.
+    """
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                               enabled=amp_dtype is not None)
+    runs = runs if isinstance(runs, dict) else {name: runs for name in models}
     times = {name: [] for name in models}
     with torch.inference_mode(), autocast:
         for name, model in models.items():
             for _ in range(warmup):
                 logits_of(model(x))
-        for _ in range(runs):
+        for r in range(max(runs.values())):
             for name, model in models.items():
+                if r >= runs[name]:
+                    continue
                 synchronize(device)
                 start = time.perf_counter()
                 logits_of(model(x))
@@ -68,24 +110,166 @@ def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
     return times
 
 
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storage alive at once among those created by the ops run inside.
+
+    A CPU stand-in for torch.cuda.max_memory_allocated: each op's outputs are recorded
+    (views and in-place results share a storage and count once), and storages are dropped
+    from the tally when Python frees them. Weights and inputs made outside are not counted.
+    """
+
+    def __enter__(self):
+        self.live, self.current, self.peak = {}, 0, 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= size
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if key not in self.live and storage.nbytes() > 0:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def measure_once(model, x, device):
+    """(GFLOPs, peak MB) of one forward: flops from torch's counter, memory as documented."""
+    counter = FlopCounterMode(display=False)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with counter, torch.inference_mode():
+            logits_of(model(x))
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        tracker = LiveTensorPeak()
+        with counter, tracker, torch.inference_mode():
+            logits_of(model(x))
+        peak = tracker.peak
+    return counter.get_total_flops() / 1e9, peak / 2 ** 20
+
+
+def checkpoint_bytes(model):
+    """Size on disk of the model's state dict as torch.save writes it (a temporary file)."""
+    fd, path = tempfile.mkstemp(suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path)
+    finally:
+        os.remove(path)
+
+
+def total_params(name, model):
+    """Inference parameters plus, for a student, its training-only FeatureAdapters to the
+    teacher's (fcn_resnet50) widths; other models have nothing training-only, total = inference."""
+    if name not in STUDENT_ARCHS:
+        return count_params(model)
+    from student_model import FeatureAdapters
+    adapters = FeatureAdapters(feature_channels(name), feature_channels("fcn_resnet50"))
+    return count_params(model) + count_params(adapters)
+
+
 def percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def markdown(rows, reference):
-    lines = [f"| model | params | GFLOPs | median ms | p90 ms | speed-up vs {reference} |",
-             "|---|---|---|---|---|---|"]
+def markdown(rows, reference, batch=8):
+    lines = [f"| model | params (inference) | params (total) | GFLOPs | checkpoint MB | "
+             f"median ms | p90 ms | images/s at batch {batch} | peak MB | "
+             f"speed-up vs {reference} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops']:.2f} | "
-                     f"{r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['speedup']:.1f}x |")
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['params_total']:,} | "
+                     f"{r['gflops']:.2f} | {r['checkpoint_mb']:.2f} | {r['median_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['throughput_ips']:.2f} | {r['peak_mem_mb']:.0f} | "
+                     f"{r['speedup']:.1f}x |")
     return "\n".join(lines)
+
+
+def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="fcn_resnet50",
+                    student_arch="lite"):
+    """{config: [seconds per training step]} for Hinton-only and every-term-on KD.
+
+    A step is ``engine.train_one_epoch`` over one batch: teacher forward (one pass for its
+    logits and all taps), student forward and backward, optimizer step, the loss values read
+    back. The two configurations run interleaved (step r of each, then r+1) after warm-up.
+    """
+    from engine import train_one_epoch
+    from losses import DistillationCriterion
+    from nets import FrozenTeacher
+    from student_model import FeatureAdapters
+
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(build_model(teacher_arch), teacher_arch, preact=True).to(device)
+    configs = {"hinton": {"alpha": 0.5},
+               "all_terms": {"alpha": 0.5, "beta": 1.0, "pixel": 100.0, "pair": 1.0,
+                             "at": 1000.0, "cwd": 3.0}}
+    setups = {}
+    for name, weights in configs.items():
+        torch.manual_seed(0)
+        student = build_model(student_arch).to(device)
+        adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device) \
+            if weights.get("beta") else None
+        params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
+        setups[name] = (student, adapters, DistillationCriterion(**weights),
+                        torch.optim.AdamW(params, lr=1e-4))
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 21, (batch, size, size), device=device)
+    times = {name: [] for name in configs}
+    for r in range(warmup + runs):
+        for name, (student, adapters, criterion, optimizer) in setups.items():
+            synchronize(device)
+            start = time.perf_counter()
+            train_one_epoch(student, criterion, optimizer, [(x, y)], device, 0, teacher,
+                            adapters, progress=False)
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def train_cost_main(args, device):
+    """--train-cost: print and save the all-terms / Hinton-only step-time ratio."""
+    print(f"device: {device} ({device_name(device)}), training step: batch {args.train_batch} at "
+          f"{args.size}x{args.size}, teacher fcn_resnet50, student lite")
+    times = train_step_cost(device, args.size, args.train_batch, args.runs, args.warmup)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratio = medians["all_terms"] / medians["hinton"]
+    # the ratio within each round too: load that shifts between rounds cancels out
+    paired = statistics.median(a / h for a, h in zip(times["all_terms"], times["hinton"]))
+    print(f"median step: Hinton only {1000 * medians['hinton']:.1f} ms | every term on "
+          f"{1000 * medians['all_terms']:.1f} ms | ratio {ratio:.3f} (median per-round ratio "
+          f"{paired:.3f})")
+    result = {"device": str(device), "hardware": device_name(device), "size": args.size,
+              "batch": args.train_batch, "runs": args.runs, "threads": torch.get_num_threads(),
+              "teacher": "fcn_resnet50", "student": "lite",
+              "all_terms": "alpha 0.5, beta 1, pixel 100, pair 1, at 1000, cwd 3",
+              "median_ms": {k: 1000 * v for k, v in medians.items()}, "ratio": ratio,
+              "paired_ratio": paired,
+              "times_ms": {k: [1000 * t for t in v] for k, v in times.items()}}
+    if args.train_cost_json:
+        save_json(result, args.train_cost_json)
+        print(f"results written to {args.train_cost_json}")
+    return result
 
 
 def main(args):
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train_cost:
+        return train_cost_main(args, device)
     print(f"device: {device} ({device_name(device)}), input 1x3x{args.size}x{args.size}")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(1, 3, args.size, args.size, device=device).to(memory_format=memory_format)
@@ -93,26 +277,51 @@ def main(args):
     for name in args.models:
         torch.manual_seed(0)
         models[name] = build_model(name, pretrained=False).eval().to(device, memory_format=memory_format)
-    flops = {name: gflops(model, x) for name, model in models.items()}
+    measured = {name: measure_once(model, x, device) for name, model in models.items()}
+    slow = {name for name, (flops, _) in measured.items() if flops > args.slow_gflops}
+    runs = {name: args.slow_runs if name in slow else args.runs for name in models}
+    batch_runs = {name: args.slow_batch_runs if name in slow else args.batch_runs for name in models}
     amp_dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
-    times = time_interleaved(models, x, device, args.runs, args.warmup, amp_dtype)
+    times = time_interleaved(models, x, device, runs, args.warmup, amp_dtype)
+    xb = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=memory_format)
+    # one warm-up call at the new batch size: buffers and kernels are chosen per shape
+    batch_times = time_interleaved(models, xb, device, batch_runs, 1, amp_dtype)
     reference = args.models[0]
     ref_median = statistics.median(times[reference])
     rows = []
     for name, model in models.items():
         median = statistics.median(times[name])
-        rows.append({"model": name, "params": count_params(model), "gflops": flops[name],
+        rows.append({"model": name, "params": count_params(model),
+                     "params_total": total_params(name, model), "gflops": measured[name][0],
+                     "checkpoint_bytes": checkpoint_bytes(model),
                      "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times[name], 0.9),
-                     "speedup": ref_median / median, "times_ms": [1000 * t for t in times[name]]})
-    table = markdown(rows, reference)
+                     "speedup": ref_median / median, "runs": runs[name],
+                     "throughput_ips": args.batch / statistics.median(batch_times[name]),
+                     "batch_runs": batch_runs[name], "peak_mem_mb": measured[name][1],
+                     "times_ms": [1000 * t for t in times[name]],
+                     "batch_times_ms": [1000 * t for t in batch_times[name]]})
+        rows[-1]["checkpoint_mb"] = rows[-1]["checkpoint_bytes"] / 2 ** 20
+    table = markdown(rows, reference, args.batch)
     print(table)
+    memory_method = ("torch.cuda.max_memory_allocated minus the memory allocated before the call"
+                     if device.type == "cuda" else
+                     "peak live tensor storage created during the forward (TorchDispatchMode); "
+                     "weights, input, allocator overhead and library scratch excluded")
     result = {"device": str(device), "hardware": device_name(device), "size": args.size,
-              "batch": 1, "runs": args.runs, "threads": torch.get_num_threads(),
+              "batch": 1, "throughput_batch": args.batch, "runs": args.runs,
+              "slow_models": sorted(slow), "threads": torch.get_num_threads(),
               "channels_last": args.channels_last, "amp": args.amp, "reference": reference,
+              "peak_memory_method": memory_method,
+              "params_total_note": "students: inference parameters + training-only FeatureAdapters "
+                                   "to fcn_resnet50's widths; others: equal to inference",
               "rows": rows, "table_markdown": table}
     if args.json:
         save_json(result, args.json)
-        print(f"results written to {args.json}")
+        md_path = os.path.splitext(args.json)[0] + ".md"
+        Path(md_path).write_text(
+            f"Benchmark on {result['hardware']} ({device}), input {args.size}x{args.size}; "
+            f"latency at batch 1, throughput at batch {args.batch}.\n\n{table}\n")
+        print(f"results written to {args.json} and {md_path}")
     return result
 
 

@@ -114,14 +114,17 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
                     adapters=None, scaler=None, amp_dtype=None, progress=True):
     """One pass over ``loader``; returns the mean of every loss term as ``loss_<name>``.
 
-    The teacher runs only for the terms that need it: logits when alpha > 0, features when
-    beta > 0. ``amp_dtype`` (e.g. torch.float16) turns on autocast; the soft losses still
+    The teacher runs only when a term needs it (``criterion.needs()``), once per step for
+    its logits and all its taps; the student returns its taps only when a feature term
+    is on. ``amp_dtype`` (e.g. torch.float16) turns on autocast; the soft losses still
     compute in float32 (losses.py).
     """
     student.train()
     if adapters is not None:
         adapters.train()
-    need_logits, need_feats = criterion.alpha > 0, criterion.beta > 0
+    needs = criterion.needs()
+    need_logits, need_adapted = "teacher_logits" in needs, "adapted" in needs
+    need_feats = need_adapted or "raw" in needs
     sums, batches = {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for step, (images, targets) in enumerate(bar):
@@ -129,16 +132,18 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            t_logits = t_feats = s_feats = None
+            t_logits = t_feats = s_feats = s_raw = None
             if teacher is not None and (need_logits or need_feats):
                 t_logits, t_feats = teacher(images)
             if need_feats:
-                logits, s_feats = student(images, return_features=True)
-                s_feats = adapters(s_feats)
+                logits, s_raw = student(images, return_features=True,
+                                        return_preact="preact" in needs)
+                if need_adapted:
+                    s_feats = adapters({name: s_raw[name] for name in adapters.adapters})
             else:
-                logits = student(images)
+                logits = logits_of(student(images))
             terms = criterion(logits, targets, t_logits if need_logits else None, s_feats,
-                              t_feats if need_feats else None)
+                              t_feats if need_feats else None, student_raw=s_raw)
             total = criterion.total(terms)
         if not torch.isfinite(total):
             shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())

@@ -7,12 +7,14 @@ segmentation models (``fcn_resnet50``, ``fcn_resnet101``, ``deeplabv3_resnet50``
 Every checkpoint this repo writes holds ``model`` (a state dict) and ``model_args``
 (``{'arch': ..., 'num_classes': ...}``), so ``build_model(**model_args)`` rebuilds it alone.
 """
+import sys
 import urllib.error
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import segmentation as tv_seg
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -22,6 +24,7 @@ STUDENT_ARCHS = ("lite", "lab")
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                      "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 TEACHER_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+BASELINE_STUDENTS = ("lraspp_mobilenet_v3_large",)  # off-the-shelf students without taps
 
 
 def build_model(arch, num_classes=21, pretrained=False):
@@ -37,19 +40,45 @@ def build_model(arch, num_classes=21, pretrained=False):
     extra = {} if arch.startswith("lraspp") else {"aux_loss": True}
     if not pretrained:
         # weights_backbone=None: no ImageNet download for a randomly initialised model
-        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+        model.model_args = {"arch": arch, "num_classes": num_classes}  # for checkpoints
+        return model
     if num_classes != 21:
         raise UserError(f"torchvision's pretrained {arch} predicts 21 VOC classes, not "
                         f"{num_classes}; use --weights none or a checkpoint")
     weights = tv_seg.get_model_weights(arch).DEFAULT
     try:
-        return builder(weights=weights, **extra)
+        model = builder(weights=weights, **extra)
+        model.model_args = {"arch": arch, "num_classes": num_classes}
+        return model
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())[:160]
         raise UserError(
             f"could not download torchvision's {arch} weights ({reason}); offline, copy "
             f"{weights.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or pass "
             "a local state dict as the weights PATH, or 'none' for random weights") from None
+
+
+def build_student(arch, num_classes=21, pretrained_backbone=True):
+    """A student to train: a compact one, or an off-the-shelf baseline (BASELINE_STUDENTS)
+    whose ImageNet backbone is loaded when ``pretrained_backbone`` (offline: one warning
+    line and random init, like the compact students)."""
+    if arch not in BASELINE_STUDENTS:
+        return build_model(arch, num_classes, pretrained=pretrained_backbone)
+    model = None
+    if pretrained_backbone:
+        from torchvision.models import MobileNet_V3_Large_Weights
+        try:
+            model = getattr(tv_seg, arch)(weights=None, num_classes=num_classes,
+                                          weights_backbone=MobileNet_V3_Large_Weights.IMAGENET1K_V1)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            print(f"warning: could not download {arch}'s ImageNet backbone ({reason}); using "
+                  "random init", file=sys.stderr)
+    if model is None:
+        return build_model(arch, num_classes, pretrained=False)
+    model.model_args = {"arch": arch, "num_classes": num_classes}
+    return model
 
 
 def read_checkpoint(path):
@@ -123,40 +152,70 @@ def model_from_checkpoint(path):
     return model, ckpt
 
 
-# Feature taps per architecture, resolved here once: name -> (return node, channels).
+# Feature taps per architecture, resolved here once: arch -> {tap: (return node, channels)}.
 # torchvision's ResNet segmentation models dilate layer3/layer4 (output stride 8), so
-# layer1 sits at stride 4 and layer2/layer4 at stride 8.
+# layer1 sits at stride 4 and layer2/layer4 at stride 8. 'preact' is the PRE-ReLU output
+# of the last layer before the classifier (the pixel-wise loss L_pi): the BatchNorm of the
+# head's last 3x3 conv (FCNHead: classifier.1, 512 ch; DeepLabHead: classifier.2, 256 ch),
+# the counterpart of the student's last refinement BN. The compact students return their
+# taps themselves (``forward(return_features=True, return_preact=True)``): node None.
 RESNET_TAPS = {"low": ("backbone.layer1", 256), "mid": ("backbone.layer2", 512),
                "high": ("backbone.layer4", 2048)}
+ADAPTED_TAPS = ("low", "mid", "high")  # the taps the cosine feature loss uses via adapters
+
+
+def _student_taps(variant):
+    from student_model import CompactStudentModel
+    taps = {name: (None, ch) for name, ch in CompactStudentModel.FEATURE_CHANNELS.items()}
+    taps["preact"] = (None, CompactStudentModel.PREACT_CHANNELS[variant])
+    return taps
+
+
+TAPS = {
+    "fcn_resnet50": {**RESNET_TAPS, "preact": ("classifier.1", 512)},
+    "fcn_resnet101": {**RESNET_TAPS, "preact": ("classifier.1", 512)},
+    "deeplabv3_resnet50": {**RESNET_TAPS, "preact": ("classifier.2", 256)},
+    "deeplabv3_resnet101": {**RESNET_TAPS, "preact": ("classifier.2", 256)},
+}
+
+
+def feature_taps(arch):
+    """{tap: (node or None, channels)} of ``arch``: 'low', 'mid', 'high' and 'preact'."""
+    if arch in STUDENT_ARCHS:
+        return _student_taps(arch)
+    if arch in TAPS:
+        return dict(TAPS[arch])
+    raise UserError(f"{arch} has no feature taps for distillation; use one of "
+                    f"{', '.join(STUDENT_ARCHS + tuple(TAPS))}")
 
 
 def feature_channels(arch):
-    """Channels of the 'low', 'mid', 'high' taps of ``arch``."""
-    if arch in STUDENT_ARCHS:
-        from student_model import CompactStudentModel
-        return dict(CompactStudentModel.FEATURE_CHANNELS)
-    if arch in TEACHER_ARCHS:
-        return {name: channels for name, (_, channels) in RESNET_TAPS.items()}
-    raise UserError(f"{arch} has no feature taps for distillation; use one of "
-                    f"{', '.join(STUDENT_ARCHS + TEACHER_ARCHS)}")
+    """Channels of the 'low', 'mid', 'high' taps of ``arch`` (those the adapters map)."""
+    taps = feature_taps(arch)
+    return {name: taps[name][1] for name in ADAPTED_TAPS}
 
 
 class FrozenTeacher(nn.Module):
     """The teacher, frozen in this one place: eval mode, requires_grad off, forward under no_grad.
 
-    ``forward(x)`` returns (full-size logits, {'low', 'mid', 'high'} features). Features of
-    torchvision models come through ``create_feature_extractor`` (no hand-written hooks).
+    ``forward(x)`` returns (full-size logits, {'low', 'mid', 'high'} features, plus 'preact'
+    when built with ``preact=True``), all from ONE forward pass. Features of torchvision
+    models come through ``create_feature_extractor`` (no hand-written hooks); the logits
+    are the main classifier's output upsampled bilinearly to the input, as torchvision does
+    (the node is found from the head itself, so FCN and DeepLabV3 both work; the aux head
+    is never computed).
     """
 
-    def __init__(self, model, arch):
+    def __init__(self, model, arch, preact=False):
         super().__init__()
-        self.arch = arch
+        self.arch, self.preact = arch, preact
         self.channels = feature_channels(arch)
         if arch in STUDENT_ARCHS:  # a compact model can teach too (the offline demo)
             self.net = model
         else:
-            nodes = {node: name for name, (node, _) in RESNET_TAPS.items()}
-            nodes["interpolate"] = "out"  # the main head's logits, upsampled to the input
+            nodes = {node: name for name, (node, _) in feature_taps(arch).items()
+                     if name != "preact" or preact}
+            nodes[f"classifier.{len(model.classifier) - 1}"] = "out"  # main head's last conv
             self.net = create_feature_extractor(model, return_nodes=nodes)
         self.net.eval().requires_grad_(False)
 
@@ -166,6 +225,8 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward
     def forward(self, x):
         if self.arch in STUDENT_ARCHS:
-            return self.net(x, return_features=True)
+            return self.net(x, return_features=True, return_preact=self.preact)
         out = self.net(x)
-        return out.pop("out"), out
+        logits = F.interpolate(out.pop("out"), size=x.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return logits, out

@@ -25,6 +25,11 @@ Measured feature taps (256 x 256 input; tests/test_student_model.py checks them)
     high    576       12 (final 1x1 conv)    16      "576 ch, stride ~16"
     ======  ========  =====================  ======  ==========================
 
+With ``return_preact=True`` the features also hold 'preact': the output of the last
+refinement BatchNorm before its ReLU (96 channels in 'lite', 256 in 'lab', stride 8), the
+pre-activation of the last layer before the classifier that the pixel-wise distillation loss
+compares; the logits and the state dict do not change.
+
 The lab's "stride ~4 / ~8" for low/mid are one octave off: MobileNetV3-Small reaches
 stride 4 with 16 channels, 24 channels only at stride 8, 40 channels at stride 16. The
 decoder therefore works at stride 8 (cheap); no stride-4 path is added.
@@ -111,6 +116,8 @@ class CompactStudentModel(nn.Module):
     """DeepLabV3+-style head on a dilated MobileNetV3-Small; see the module docstring."""
 
     FEATURE_CHANNELS = {"low": 24, "mid": 40, "high": 576}
+    # 'preact': the last refinement BN's output before its ReLU (pixel-wise distillation)
+    PREACT_CHANNELS = {variant: dec for variant, (_, dec, _) in _VARIANTS.items()}
 
     def __init__(self, variant="lite", num_classes=21, pretrained_backbone=True):
         super().__init__()
@@ -135,7 +142,12 @@ class CompactStudentModel(nn.Module):
                                     nn.Dropout(0.5))
         self.classifier = nn.Conv2d(dec_ch, num_classes, 1)
 
-    def forward(self, x, return_features=False):
+    def forward(self, x, return_features=False, return_preact=False):
+        """Logits at the input size; with ``return_features`` also the taps {'low', 'mid',
+        'high'}, plus 'preact' (the last refinement layer before its ReLU) when
+        ``return_preact``. The outputs never depend on the flags."""
+        if return_preact and not return_features:
+            raise ValueError("return_preact=True needs return_features=True")
         size = x.shape[-2:]
         feats = {}
         for i, block in enumerate(self.backbone):
@@ -145,9 +157,26 @@ class CompactStudentModel(nn.Module):
         skip = self.skip(feats["low"])
         y = F.interpolate(self.aspp(feats["high"]), size=skip.shape[-2:], mode="bilinear",
                           align_corners=False)
-        y = self.classifier(self.refine(torch.cat([y, skip], 1)))
-        logits = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        y = torch.cat([y, skip], 1)
+        y = self._refine_with_preact(y, feats) if return_preact else self.refine(y)
+        logits = F.interpolate(self.classifier(y), size=size, mode="bilinear", align_corners=False)
         return (logits, feats) if return_features else logits
+
+    def _refine_with_preact(self, y, feats):
+        """``self.refine(y)``, keeping the input of its last ReLU as feats['preact'].
+
+        ``refine`` nests only nn.Sequential, so its leaf modules in registration order are
+        its forward order; the last ReLU runs out of place so the pre-activation survives.
+        """
+        leaves = [m for m in self.refine.modules() if not isinstance(m, nn.Sequential)]
+        last_relu = max(i for i, m in enumerate(leaves) if isinstance(m, nn.ReLU))
+        for module in leaves[:last_relu]:
+            y = module(y)
+        feats["preact"] = y
+        y = F.relu(y)
+        for module in leaves[last_relu + 1:]:
+            y = module(y)
+        return y
 
 
 class FeatureAdapters(nn.Module):

@@ -3,13 +3,17 @@
     L = (1 - alpha) * CE(y, z_s) + alpha * tau^2 * KL(softmax(z_t/tau) || softmax(z_s/tau))
         + beta * mean over taps of (1 - cos(A(f_s), f_t))
 
-alpha = beta = 0 is plain training (the teacher is never built); alpha > 0 response KD;
-beta > 0 feature KD; both: combined. Each epoch appends a record to
-outputs/NAME/history.jsonl; checkpoints go to models/NAME_{best,last}.pth; plots to plots/.
+        + w_pixel * L_pi + w_pair * L_pa + w_at * AT + w_cwd * CWD     (README: further methods)
+
+alpha = beta = 0 (and no --w-*) is plain training (the teacher is never built); alpha > 0
+response KD; beta > 0 feature KD; both: combined. --kd-schedule warmup|step scales every
+distillation weight per epoch. Each epoch appends a record to outputs/NAME/history.jsonl;
+checkpoints go to models/NAME_{best,last}.pth; plots to plots/.
 
     python train_kd.py --out no_kd --epochs 30
     python train_kd.py --out response_kd --alpha 0.5 --tau 4 --epochs 30
     python train_kd.py --out feature_kd --beta 1.0 --epochs 30 --resume models/feature_kd_last.pth
+    python train_kd.py --out pixel_pair_kd --w-pixel 100 --w-pair 1 --teacher deeplabv3_resnet50
 """
 import argparse
 import json
@@ -22,8 +26,8 @@ from torch.utils.data import DataLoader
 from data import build_dataset, eval_loader
 from engine import (NonFiniteLoss, checkpoint_state, evaluate, restore_training_state,
                     train_one_epoch)
-from losses import DistillationCriterion
-from nets import (STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher, build_model, feature_channels,
+from losses import KD_SCHEDULES, DistillationCriterion
+from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher, build_student,
                   load_model, read_checkpoint)
 from plots import plot_history
 from student_model import FeatureAdapters
@@ -41,6 +45,25 @@ def get_args_parser():
                    help="weight of the cosine feature term, averaged over the low/mid/high taps")
     g.add_argument("--tau", "--temp", type=float, default=4.0, dest="tau",
                    help="softmax temperature of the KD term (--temp is an alias)")
+    g.add_argument("--w-pixel", type=float, default=0.0,
+                   help="weight of the pixel-wise pre-activation loss L_pi on the last layer "
+                        "before the classifier (seed paper: 100)")
+    g.add_argument("--w-pair", type=float, default=0.0,
+                   help="weight of the pair-wise similarity loss L_pa on the encoder's 'high' "
+                        "tap, 3x3 nodes (seed paper: 1)")
+    g.add_argument("--w-at", type=float, default=0.0,
+                   help="weight of attention transfer, averaged over the low/mid/high taps")
+    g.add_argument("--w-cwd", type=float, default=0.0,
+                   help="weight of channel-wise distillation (CWD) on the logits")
+    g.add_argument("--cwd-tau", type=float, default=4.0, help="temperature of the CWD term")
+    g.add_argument("--kd-schedule", default="constant", choices=KD_SCHEDULES,
+                   help="progressive distillation: scale ALL distillation weights per epoch: "
+                        "constant; warmup (linear from 0 at epoch 1 to full after "
+                        "--kd-warmup-epochs); step (0 before --kd-step-epoch, full from it)")
+    g.add_argument("--kd-warmup-epochs", type=int, default=5,
+                   help="epochs of the linear warm-up of --kd-schedule warmup")
+    g.add_argument("--kd-step-epoch", type=int, default=10,
+                   help="first epoch with distillation under --kd-schedule step")
     g.add_argument("--teacher", default="fcn_resnet50", choices=TEACHER_ARCHS + STUDENT_ARCHS,
                    help="teacher architecture (a compact one can teach in the offline demo)")
     g.add_argument("--teacher-weights", default="default",
@@ -56,10 +79,13 @@ def get_args_parser():
     g.add_argument("--scheduler", default="poly", choices=("plateau", "poly", "cosine"),
                    help="learning-rate schedule, stepped once per epoch (plateau watches val mIoU)")
     g = parser.add_argument_group("model and data")
-    g.add_argument("--student", default="lite", choices=STUDENT_ARCHS,
-                   help="student variant: 'lite' (depthwise-separable, default) or 'lab'")
+    g.add_argument("--student", default="lite", choices=STUDENT_ARCHS + BASELINE_STUDENTS,
+                   help="student: 'lite' (depthwise-separable, default), 'lab', or torchvision's "
+                        "lraspp_mobilenet_v3_large as an off-the-shelf baseline (no feature "
+                        "taps: --alpha and --w-cwd only)")
     g.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false",
-                   help="start the student's MobileNetV3 from random weights, not ImageNet")
+                   help="start the student's MobileNetV3 backbone from random weights, not "
+                        "ImageNet")
     g.add_argument("--crop-size", type=int, default=480, help="square training crop (padded)")
     g.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
                    help="random rescale range of training images before the crop")
@@ -110,8 +136,27 @@ def check_args(args):
         raise UserError(f"--alpha {args.alpha}: must lie in [0, 1] (CE gets 1 - alpha)")
     if args.beta < 0 or args.tau <= 0:
         raise UserError("--beta must be >= 0 and --tau > 0")
+    for flag in ("w_pixel", "w_pair", "w_at", "w_cwd"):
+        if not getattr(args, flag) >= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.cwd_tau <= 0:
+        raise UserError("--cwd-tau must be > 0")
+    if args.kd_warmup_epochs < 0 or args.kd_step_epoch < 1:
+        raise UserError("--kd-warmup-epochs must be >= 0 and --kd-step-epoch >= 1")
+    if args.student not in STUDENT_ARCHS:  # an off-the-shelf baseline has no feature taps
+        for flag in ("beta", "w_pixel", "w_pair", "w_at"):
+            if getattr(args, flag) > 0:
+                raise UserError(f"--{flag.replace('_', '-')} needs feature taps, and --student "
+                                f"{args.student} has none; use --student lite or lab, or "
+                                "distil it with --alpha / --w-cwd only")
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+
+
+def kd_weights_on(args):
+    """True when any distillation term is on (otherwise the teacher is never built)."""
+    return any(getattr(args, flag) > 0
+               for flag in ("alpha", "beta", "w_pixel", "w_pair", "w_at", "w_cwd"))
 
 
 def main(args):
@@ -144,16 +189,21 @@ def main(args):
                               pin_memory=device.type == "cuda")
 
     seed_everything(args.seed)
-    student = build_model(args.student, pretrained=args.pretrained_backbone and resume is None)
+    student = build_student(args.student,
+                            pretrained_backbone=args.pretrained_backbone and resume is None)
     student.to(device)
-    distil = args.alpha > 0 or args.beta > 0
+    distil = kd_weights_on(args)
     teacher = adapters = None
-    if distil:  # with alpha = beta = 0 the teacher is never built
-        teacher = FrozenTeacher(load_model(args.teacher, args.teacher_weights), args.teacher)
+    if distil:  # with every distillation weight 0 the teacher is never built
+        teacher = FrozenTeacher(load_model(args.teacher, args.teacher_weights), args.teacher,
+                                preact=args.w_pixel > 0)
         teacher.to(device)
         if args.beta > 0:
             adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device)
-    criterion = DistillationCriterion(args.alpha, args.beta, args.tau)
+    criterion = DistillationCriterion(
+        args.alpha, args.beta, args.tau, pixel=args.w_pixel, pair=args.w_pair, at=args.w_at,
+        cwd=args.w_cwd, cwd_tau=args.cwd_tau, schedule=args.kd_schedule,
+        warmup_epochs=args.kd_warmup_epochs, step_epoch=args.kd_step_epoch)
     params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
     optimizer = build_optimizer(args, params)
     scheduler = build_scheduler(args, optimizer)
@@ -168,7 +218,7 @@ def main(args):
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"{args.resume}: does not fit this run ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:150]}); resume with the run's own "
-                            "flags (--student, --alpha/--beta) or start a new --out") from None
+                            "flags (--student, --alpha/--beta/--w-*) or start a new --out") from None
         print(f"resumed from {args.resume} at epoch {start_epoch} (best mIoU {best_miou:.4f})")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is None:
@@ -186,6 +236,7 @@ def main(args):
         # reseeding per epoch makes a resumed run draw the same crops, flips and dropout
         torch.manual_seed(args.seed + epoch)
         generator.manual_seed(args.seed + epoch)
+        criterion.set_epoch(epoch)  # progressive distillation: weights from the epoch alone
         tic = time.perf_counter()
         try:
             losses = train_one_epoch(student, criterion, optimizer, train_loader, device, epoch,

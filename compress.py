@@ -1,0 +1,314 @@
+"""Compress a trained student for CPU deployment: int8, pruning, ONNX; score and time each.
+
+From one checkpoint written by train_kd.py (rebuilt with nets.model_from_checkpoint):
+
+- int8: post-training static quantisation with PyTorch's PT2E flow (torch.export, then
+  torchao's prepare_pt2e / convert_pt2e with the X86InductorQuantizer), calibrated on
+  --calib-images training images at full size; --compile lowers it (and fp32) with inductor,
+  which is what turns the quantize/dequantize pattern into int8 kernels;
+- pruning: unstructured (l1_unstructured on every conv weight) and channel pruning
+  (ln_structured, L2 norm over the output channels of every non-depthwise conv but the
+  classifier), both at --sparsity and made permanent (prune.remove); the channels are zeroed,
+  not removed, so the network keeps its shape and its speed;
+- ONNX: torch.onnx.export (dynamic height and width), checked against PyTorch's logits and
+  timed in onnxruntime.
+
+Each result gets its size on disk, its CPU latency at 1x3xSIZExSIZE (timed interleaved with
+the others, warm-up first, as benchmark.py), and its val mIoU and change against fp32 from
+engine.evaluate over data.eval_loader. Everything lands in --json (outputs/compress.json).
+
+    python compress.py --model_path models/demo_no_kd_best.pth --data-root data/demo
+    python compress.py --model_path models/no_kd_best.pth --data-root ./data --sparsity 0.3 --compile
+"""
+import argparse
+import copy
+import os
+import statistics
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from benchmark import percentile, time_interleaved
+from data import build_dataset, eval_loader, eval_transforms
+from engine import evaluate, logits_of
+from nets import model_from_checkpoint
+from utils import UserError, device_name, git_revision, run_cli, save_json, torch_save
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # input and data
+    parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
+                        help="a student checkpoint written by train_kd.py (models/NAME_best.pth)")
+    parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
+    parser.add_argument("--no-download", action="store_true", help="never download VOC")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
+    parser.add_argument("--calib-images", type=int, default=16,
+                        help="training images (full size, no augmentation) for int8 calibration")
+    # what to produce
+    parser.add_argument("--sparsity", type=float, default=0.5,
+                        help="fraction of conv weights (unstructured) / output channels "
+                             "(channel pruning) set to zero")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("int8", "prune", "onnx"),
+                        help="steps to leave out")
+    parser.add_argument("--compile", action="store_true",
+                        help="time fp32 and int8 through torch.compile (inductor); int8 kernels "
+                             "are only used when compiled, and compiling takes minutes on a CPU")
+    # timing
+    parser.add_argument("--size", type=int, default=520, help="square input side of the latency runs")
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    # output
+    parser.add_argument("--out-dir", default="models/compressed",
+                        help="where the int8 program, pruned checkpoints and ONNX files go")
+    parser.add_argument("--json", default="outputs/compress.json", help="results JSON")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+    return parser
+
+
+# --------------------------------------------------------------------------- int8 (PT2E)
+
+def dynamic_hw(x):
+    """torch.export dynamic-shape spec: any image height and width (VOC sizes vary)."""
+    h, w = torch.export.Dim("height", min=32, max=4096), torch.export.Dim("width", min=32, max=4096)
+    return {"x": {2: h, 3: w}}
+
+
+def quantize_int8(model, calib_images):
+    """PT2E static int8: export, insert observers, calibrate, convert (torchao's flow).
+
+    torch.ao.quantization's FX mode is deprecated in torch 2.x and cannot trace the student
+    (ASPP expands by the traced input shape); PT2E captures it with torch.export. The PT2E
+    entry points moved from torch.ao to torchao, hence the import from there.
+    """
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = calib_images[0]
+    exported = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_hw(example))
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    with torch.no_grad():
+        for image in calib_images:  # observers record activation ranges
+            prepared(image)
+    return drop_unused_tensors(convert_pt2e(prepared))
+
+
+class Frozen(nn.Module):
+    """Wraps an exported/compiled callable so engine.evaluate can call .eval() on it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def train(self, mode=True):
+        return self  # exported programs refuse train()/eval(); they are already in eval form
+
+    def forward(self, x):
+        return logits_of(self.fn(x))
+
+
+def drop_unused_tensors(gm):
+    """Delete the parameters and buffers the converted graph no longer reads.
+
+    convert_pt2e leaves the float weights it replaced by int8 constants attached to the
+    module; saved as they are, the int8 file would hold both.
+    """
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            parent, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(parent) if parent else gm, leaf)
+    return gm
+
+
+def save_int8(qmodel, example, path):
+    """The int8 program as torch.export writes it (int8 weights), for its size on disk."""
+    program = torch.export.export(qmodel, (example,), dynamic_shapes=dynamic_hw(example))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+
+
+# --------------------------------------------------------------------------- pruning
+
+def prunable_convs(model, structured):
+    """Conv layers to prune: all of them (unstructured), or for channel pruning every conv but
+    the classifier (removing a class) and depthwise ones (one filter per input channel)."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not structured:
+        return convs
+    last = convs[-1][0]
+    return [(n, m) for n, m in convs if n != last and m.groups == 1 and m.out_channels > 1]
+
+
+def prune_model(model, sparsity, structured):
+    """A pruned copy, masks made permanent; returns (model, fraction of zero conv weights)."""
+    pruned = copy.deepcopy(model)
+    for _, conv in prunable_convs(pruned, structured):
+        if structured:  # whole output channels with the smallest L2 norm
+            prune.ln_structured(conv, "weight", amount=sparsity, n=2, dim=0)
+        else:
+            prune.l1_unstructured(conv, "weight", amount=sparsity)
+        prune.remove(conv, "weight")  # weight = weight_orig * mask, the mask dropped
+    convs = prunable_convs(pruned, structured)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in convs)
+    return pruned, zeros / sum(m.weight.numel() for _, m in convs)
+
+
+def save_pruned(model, ckpt, path, info):
+    """A checkpoint in the repo schema (model + model_args), loadable by evaluate.py."""
+    torch_save({"model": model.state_dict(), "model_args": dict(ckpt["model_args"]),
+                "adapters": None, "epoch": ckpt.get("epoch"), "args": ckpt.get("args"),
+                "best_miou": None, "pruning": info}, path)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+def export_onnx(model, example, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model.eval(), (example,), str(path), input_names=["image"],
+                      output_names=["logits"], dynamic_shapes=dynamic_hw(example),
+                      external_data=False, dynamo=True)
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session behind the nn.Module interface engine.evaluate expects."""
+
+    def __init__(self, path, threads):
+        super().__init__()
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # onnxruntime's idle threads spin-wait by default; in an interleaved timing loop they
+        # steal the cores from whichever model runs next (measured: fp32 PyTorch 2x slower)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x):
+        out = self.session.run(None, {"image": x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- main
+
+def file_bytes(path):
+    return os.path.getsize(path)
+
+
+def zipped_bytes(path):
+    """Size after zlib: zeroed weights cost nothing here, so pruning shows in it."""
+    return len(zlib.compress(Path(path).read_bytes(), 6))
+
+
+def main(args):
+    print(f"args: {vars(args)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    if not 0 <= args.sparsity < 1:
+        raise UserError(f"--sparsity {args.sparsity}: give a fraction in [0, 1)")
+    model, ckpt = model_from_checkpoint(args.model_path)
+    model.eval()
+    out_dir = Path(args.out_dir)
+    stem = Path(args.model_path).stem
+    loader = eval_loader(args.data_root, args.limit, 0, not args.no_download)
+    x = torch.randn(1, 3, args.size, args.size)
+
+    fp32_path = out_dir / f"{stem}_fp32.pth"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), fp32_path)
+    variants = {"fp32": {"model": model, "path": fp32_path, "note": "the checkpoint's weights"}}
+
+    if "int8" not in args.skip:
+        calib = build_dataset(args.data_root, "train", limit=args.calib_images,
+                              download=not args.no_download, transforms=eval_transforms())
+        images = [calib[i][0][None] for i in range(len(calib))]
+        qmodel = quantize_int8(model, images)
+        path = out_dir / f"{stem}_int8.pt2"
+        save_int8(qmodel, images[0], path)
+        variants["int8"] = {"model": Frozen(qmodel), "path": path,
+                            "note": f"PT2E static int8 (torchao X86InductorQuantizer), "
+                                    f"{len(images)} calibration images"}
+    if "prune" not in args.skip:
+        for kind, structured in (("pruned_unstructured", False), ("pruned_channels", True)):
+            pruned, zero_fraction = prune_model(model, args.sparsity, structured)
+            path = out_dir / f"{stem}_{kind}_{args.sparsity:g}.pth"
+            info = {"method": "ln_structured (L2, output channels)" if structured
+                    else "l1_unstructured", "sparsity": args.sparsity,
+                    "zero_fraction": zero_fraction}
+            save_pruned(pruned, ckpt, path, info)
+            variants[kind] = {"model": pruned, "path": path, "zero_fraction": zero_fraction,
+                              "note": f"{info['method']} at {args.sparsity:g}, no fine-tuning"}
+    onnx_diff = None
+    if "onnx" not in args.skip:
+        path = out_dir / f"{stem}.onnx"
+        export_onnx(model, x, path)
+        onnx_model = OnnxModel(path, torch.get_num_threads())
+        with torch.inference_mode():  # one odd-sized input as well: the shapes are dynamic
+            checks = [x, torch.randn(1, 3, 333, 500)]
+            onnx_diff = max(float((onnx_model(c) - logits_of(model(c))).abs().max()) for c in checks)
+        print(f"ONNX vs PyTorch: max abs difference of the logits {onnx_diff:.2e}")
+        variants["onnx"] = {"model": onnx_model, "path": path, "max_abs_diff": onnx_diff,
+                            "note": "onnxruntime CPUExecutionProvider, fp32"}
+
+    timed = {name: v["model"] for name, v in variants.items()}
+    if args.compile:
+        for name in ("fp32", "int8"):
+            if name in timed:
+                timed[name] = Frozen(torch.compile(timed[name]))
+    print(f"timing {', '.join(timed)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
+    times = time_interleaved(timed, x, device, args.runs, args.warmup)
+
+    rows = []
+    for name, v in variants.items():
+        scores = evaluate(v["model"], loader, device, desc=name, progress=args.progress)
+        median = statistics.median(times[name])
+        row = {"variant": name, "note": v["note"], "file": str(v["path"]),
+               "size_bytes": file_bytes(v["path"]), "zlib_bytes": zipped_bytes(v["path"]),
+               "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times[name], 0.9),
+               "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+               "times_ms": [1000 * t for t in times[name]]}
+        for key in ("zero_fraction", "max_abs_diff"):
+            if key in v:
+                row[key] = v[key]
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["speedup_vs_fp32"] = base["median_ms"] / row["median_ms"]
+        row["miou_change_points"] = 100 * (row["miou"] - base["miou"])
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
+    table = markdown(rows)
+    print(table)
+    result = {"checkpoint": str(args.model_path), "arch": ckpt["model_args"]["arch"],
+              "device": "cpu", "hardware": device_name(device), "size": args.size,
+              "runs": args.runs, "threads": torch.get_num_threads(), "compiled": args.compile,
+              "data_root": str(args.data_root), "num_val_images": len(loader.dataset),
+              "sparsity": args.sparsity, "onnx_max_abs_diff": onnx_diff, "git": git_revision(),
+              "quantization_api": "torch.export + torchao.quantization.pt2e (prepare_pt2e/"
+                                  "convert_pt2e, X86InductorQuantizer)",
+              "fine_tuning": "not run: train_kd.py has no flag to start from a pruned "
+                             "checkpoint and would not keep the pruning masks",
+              "rows": rows, "table_markdown": table}
+    save_json(result, args.json)
+    print(f"results written to {args.json}; files in {out_dir}/")
+    return result
+
+
+def markdown(rows):
+    lines = ["| variant | size MB | median ms | p90 ms | speed-up vs fp32 | mIoU (%) | "
+             "change (points) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['size_bytes'] / 2 ** 20:.2f} | {r['median_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x | {100 * r['miou']:.2f} | "
+                     f"{r['miou_change_points']:+.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,95 @@
+"""report.py rebuilds its tables from the result JSONs: every number in the main table equals
+the value in the file it names, and missing runs show as "not run" with their command."""
+import json
+
+import report
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def fake_eval(miou, params, ms, classes=("background", "aeroplane", "bicycle")):
+    return {"miou": miou, "params": params, "ms_per_image": ms, "fps": 1000 / ms,
+            "per_class_iou": {c: (None if i == 2 else miou + 0.01 * i) for i, c in enumerate(classes)},
+            "per_image_miou": [miou], "per_image_gt_classes": [2], "device": "cpu",
+            "hardware": "CPU (test, 2 threads)", "checkpoint": "models/x_best.pth"}
+
+
+def parse_main_table(markdown):
+    lines = markdown.splitlines()
+    start = lines.index(report.MAIN_HEADER)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def run_report(tmp_path, source="auto"):
+    args = report.get_args_parser().parse_args([
+        "--outputs", str(tmp_path / "outputs"), "--plots", str(tmp_path / "plots"),
+        "--out", str(tmp_path / "report"), "--source", source])
+    result = report.main(args)
+    return result, (tmp_path / "report" / "README.md").read_text()
+
+
+def test_voc_table_numbers_come_from_their_json(tmp_path):
+    outputs = tmp_path / "outputs"
+    evals = {"teacher": fake_eval(0.6742, 35322218, 412.3456),
+             "no_kd": fake_eval(0.55317, 1298981, 12.3449),
+             "response_kd": fake_eval(0.577049, 1298981, 13.0)}
+    for method, data in evals.items():
+        write(outputs / f"{method}_eval.json", data)
+    write(outputs / "no_kd" / "summary.json", {"train_seconds_total": 3421.7})
+    write(outputs / "demo" / "no_kd_eval.json", fake_eval(0.1, 1, 1.0))  # must be ignored
+    result, markdown = run_report(tmp_path)
+    assert result["source"] == "voc"
+    rows = parse_main_table(markdown)
+    labels = dict(report.METHODS)
+    for method, data in evals.items():
+        cells = rows[labels[method]]
+        assert float(cells[1]) == round(100 * data["miou"], 2)
+        assert int(cells[2].replace(",", "")) == data["params"]
+        assert float(cells[3]) == round(data["ms_per_image"], 2)
+        assert float(cells[4]) == round(data["fps"], 1)
+        assert cells[6] == f"`{outputs / f'{method}_eval.json'}`"
+    assert float(rows[labels["no_kd"]][5]) == round(3421.7 / 60, 1)
+    assert rows[labels["response_kd"]][5] == "not recorded"
+    for method in ("feature_kd", "combined_kd"):  # not run: the command from test.txt
+        cells = rows[labels[method]]
+        assert cells[1] == "not run"
+        assert cells[6].startswith("`python evaluate.py") and f"outputs/{method}_eval.json" in cells[6]
+    assert (tmp_path / "report" / "per_class_iou.png").is_file()
+    assert "not run: `python benchmark.py" in markdown and "not run: `python compress.py" in markdown
+
+
+def test_demo_source_and_extra_methods(tmp_path):
+    outputs = tmp_path / "outputs"
+    for method in ("teacher", "no_kd", "response_kd", "feature_kd", "combined_kd", "at_kd"):
+        write(outputs / "demo" / f"{method}_eval.json", fake_eval(0.5, 1298981, 10.0))
+    write(outputs / "demo_results.json", {"rows": [{"method": "no_kd", "train_seconds": 90.0}]})
+    (tmp_path / "plots").mkdir()
+    for kind in ("loss", "miou"):
+        (tmp_path / "plots" / f"demo_no_kd_{kind}.png").write_bytes(b"png")
+    write(outputs / "benchmark.json", {"hardware": "CPU (test)", "device": "cpu", "size": 520,
+                                       "table_markdown": "| model |\n|---|\n| lite |"})
+    result, markdown = run_report(tmp_path)
+    assert result["source"] == "demo"
+    rows = parse_main_table(markdown)
+    assert set(rows) == {label for _, label in report.METHODS} | {"at_kd"}
+    assert float(rows["Without KD"][5]) == round(90.0 / 60, 1)
+    assert (tmp_path / "report" / "plots" / "demo_no_kd_loss.png").is_file()
+    assert "| lite |" in markdown
+
+
+def test_empty_outputs_show_every_row_as_not_run(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    _, markdown = run_report(tmp_path, source="voc")
+    rows = parse_main_table(markdown)
+    assert len(rows) == len(report.METHODS)
+    assert all(cells[1] == "not run" for cells in rows.values())
+    assert "`python test_teacher.py" in rows["Teacher"][6]
