@@ -76,14 +76,6 @@ def get_args_parser():
     return parser
 
 
-def gflops(model, x):
-    """Forward FLOPs in G (a multiply-add counts 2), from torch's own flop counter."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(x)
-    return counter.get_total_flops() / 1e9
-
-
 def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
     """{name: [seconds per call]}: one call of each model per round, rounds repeated.
 
