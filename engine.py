@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from data import IGNORE_INDEX, VOC_CLASSES
 from metrics import confusion_matrix, nan_to_none, scores_from_confusion
-from utils import synchronize
+from utils import device_name, git_revision, save_json, synchronize
 
 
 def logits_of(output):
@@ -94,7 +94,6 @@ def format_results(results, title):
 def evaluate_and_report(model, loader, device, title, params, json_path=None, extra=None,
                         keep=None, amp=False):
     """``evaluate`` plus what every evaluating script reports: print, and save the JSON."""
-    from utils import device_name, git_revision, save_json
     model.to(device)
     results = evaluate(model, loader, device, amp=amp, desc=title, keep=keep)
     results.update(params=params, device=str(device), hardware=device_name(device),
