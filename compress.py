@@ -4,8 +4,10 @@ From one checkpoint written by train_kd.py (rebuilt with nets.model_from_checkpo
 
 - int8: post-training static quantisation with PyTorch's PT2E flow (torch.export, then
   torchao's prepare_pt2e / convert_pt2e with the X86InductorQuantizer), calibrated on
-  --calib-images training images at full size; --compile lowers it (and fp32) with inductor,
-  which is what turns the quantize/dequantize pattern into int8 kernels;
+  --calib-images training images at full size, then compiled by inductor with freezing on
+  (its constant weights folded into prepacked int8 convolutions; without freezing, and
+  without compiling, the quantize/dequantize pattern runs in float and is slower than fp32);
+  compiling takes a minute or two on a CPU. --int8-eager keeps that float reference instead;
 - pruning: unstructured (l1_unstructured on every conv weight) and channel pruning
   (ln_structured, L2 norm over the output channels of every non-depthwise conv but the
   classifier), both at --sparsity and made permanent (prune.remove); the channels are zeroed,
@@ -14,11 +16,14 @@ From one checkpoint written by train_kd.py (rebuilt with nets.model_from_checkpo
   timed in onnxruntime.
 
 Each result gets its size on disk, its CPU latency at 1x3xSIZExSIZE (timed interleaved with
-the others, warm-up first, as benchmark.py), and its val mIoU and change against fp32 from
-engine.evaluate over data.eval_loader. Everything lands in --json (outputs/compress.json).
+the fp32 model, warm-up first, as benchmark.py), and its val mIoU and change against fp32 from
+engine.evaluate over data.eval_loader. The PyTorch variants are timed together first, then
+the ONNX model with fp32 again: inductor's compiled kernels and onnxruntime's thread pool,
+interleaved in one process, fight for the cores and slow each other down many times over.
+Everything lands in --json (outputs/compress.json).
 
     python compress.py --model_path models/demo_no_kd_best.pth --data-root data/demo
-    python compress.py --model_path models/no_kd_best.pth --data-root ./data --sparsity 0.3 --compile
+    python compress.py --model_path models/no_kd_best.pth --data-root ./data --sparsity 0.3 --compile-fp32
 """
 import argparse
 import copy
@@ -55,9 +60,12 @@ def get_args_parser():
                              "(channel pruning) set to zero")
     parser.add_argument("--skip", nargs="*", default=[], choices=("int8", "prune", "onnx"),
                         help="steps to leave out")
-    parser.add_argument("--compile", action="store_true",
-                        help="time fp32 and int8 through torch.compile (inductor); int8 kernels "
-                             "are only used when compiled, and compiling takes minutes on a CPU")
+    parser.add_argument("--int8-eager", action="store_true",
+                        help="do not compile the int8 model: run its quantize/dequantize graph "
+                             "eagerly (a float reference: same numbers, no int8 kernels, slow)")
+    parser.add_argument("--compile-fp32", action="store_true",
+                        help="also time fp32 compiled by inductor (freezing on), as a row "
+                             "'fp32_compiled'")
     # timing
     parser.add_argument("--size", type=int, default=520, help="square input side of the latency runs")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant")
@@ -126,6 +134,15 @@ def drop_unused_tensors(gm):
             parent, _, leaf = name.rpartition(".")
             delattr(gm.get_submodule(parent) if parent else gm, leaf)
     return gm
+
+
+def compile_frozen(model):
+    """torch.compile with inductor's freezing: constant weights are folded and prepacked,
+    which is what selects the int8 (and oneDNN fp32) convolution kernels on x86."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    inductor_config.cpp_wrapper = True  # the graph's calls made from C++, not Python: ~15% less
+    return torch.compile(model, dynamic=True)  # val images come in many sizes
 
 
 def save_int8(qmodel, example, path):
@@ -232,9 +249,20 @@ def main(args):
         qmodel = quantize_int8(model, images)
         path = out_dir / f"{stem}_int8.pt2"
         save_int8(qmodel, images[0], path)
-        variants["int8"] = {"model": Frozen(qmodel), "path": path,
+        how = "eager Q/DQ reference" if args.int8_eager else "inductor, freezing"
+        print(f"int8: {how}" + ("" if args.int8_eager else " (compiling: a minute or two)"))
+        runner = qmodel if args.int8_eager else compile_frozen(qmodel)
+        with torch.inference_mode():
+            runner(x)  # compile now, not inside the first timed call
+        variants["int8"] = {"model": Frozen(runner), "path": path,
                             "note": f"PT2E static int8 (torchao X86InductorQuantizer), "
-                                    f"{len(images)} calibration images"}
+                                    f"{len(images)} calibration images, {how}"}
+    if args.compile_fp32:
+        runner = compile_frozen(copy.deepcopy(model))
+        with torch.inference_mode():
+            runner(x)
+        variants["fp32_compiled"] = {"model": Frozen(runner), "path": fp32_path,
+                                     "note": "fp32, inductor, freezing"}
     if "prune" not in args.skip:
         for kind, structured in (("pruned_unstructured", False), ("pruned_channels", True)):
             pruned, zero_fraction = prune_model(model, args.sparsity, structured)
@@ -257,19 +285,26 @@ def main(args):
         variants["onnx"] = {"model": onnx_model, "path": path, "max_abs_diff": onnx_diff,
                             "note": "onnxruntime CPUExecutionProvider, fp32"}
 
-    timed = {name: v["model"] for name, v in variants.items()}
-    if args.compile:
-        for name in ("fp32", "int8"):
-            if name in timed:
-                timed[name] = Frozen(torch.compile(timed[name]))
-    print(f"timing {', '.join(timed)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
-    times = time_interleaved(timed, x, device, args.runs, args.warmup)
+    # PyTorch variants together, then ONNX with fp32 again (module docstring: why apart)
+    groups = [[name for name in variants if name != "onnx"]]
+    if "onnx" in variants:
+        groups.append(["fp32", "onnx"])
+    times, fp32_times = {}, {}
+    for group in groups:
+        print(f"timing {', '.join(group)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
+        got = time_interleaved({name: variants[name]["model"] for name in group}, x, device,
+                               args.runs, args.warmup)
+        for name in group[1:]:
+            times[name], fp32_times[name] = got[name], got["fp32"]
+        times.setdefault("fp32", got["fp32"])
+        fp32_times.setdefault("fp32", got["fp32"])
 
     rows = []
     for name, v in variants.items():
         scores = evaluate(v["model"], loader, device, desc=name, progress=args.progress)
         median = statistics.median(times[name])
         row = {"variant": name, "note": v["note"], "file": str(v["path"]),
+               "fp32_median_ms_same_round": 1000 * statistics.median(fp32_times[name]),
                "size_bytes": file_bytes(v["path"]), "zlib_bytes": zipped_bytes(v["path"]),
                "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times[name], 0.9),
                "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
@@ -279,15 +314,16 @@ def main(args):
                 row[key] = v[key]
         rows.append(row)
     base = rows[0]
-    for row in rows:
-        row["speedup_vs_fp32"] = base["median_ms"] / row["median_ms"]
+    for row in rows:  # against fp32 timed in the same interleaved rounds
+        row["speedup_vs_fp32"] = row["fp32_median_ms_same_round"] / row["median_ms"]
         row["miou_change_points"] = 100 * (row["miou"] - base["miou"])
         row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
     table = markdown(rows)
     print(table)
     result = {"checkpoint": str(args.model_path), "arch": ckpt["model_args"]["arch"],
               "device": "cpu", "hardware": device_name(device), "size": args.size,
-              "runs": args.runs, "threads": torch.get_num_threads(), "compiled": args.compile,
+              "runs": args.runs, "threads": torch.get_num_threads(),
+              "int8_runtime": "eager" if args.int8_eager else "inductor (freezing)",
               "data_root": str(args.data_root), "num_val_images": len(loader.dataset),
               "sparsity": args.sparsity, "onnx_max_abs_diff": onnx_diff, "git": git_revision(),
               "quantization_api": "torch.export + torchao.quantization.pt2e (prepare_pt2e/"

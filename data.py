@@ -22,7 +22,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from utils import UserError
+from utils import UserError, quiet_worker
 
 IGNORE_INDEX = 255  # "void" in VOC masks: object borders, padding; never a class
 NUM_CLASSES = 21
@@ -246,21 +246,69 @@ def build_dataset(root, split, train_set="voc", crop_size=480, limit=None, downl
                 masks.append(msk)
     elif train_set not in ("voc", "trainaug"):
         raise UserError(f"--train-set {train_set!r} is unknown; use voc or trainaug")
-    if limit:
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"a limit of {limit} {split} images leaves the {split} set empty; "
+                            "pass a positive limit (--limit-train, --limit-val, --limit), or none to "
+                            "use every image")
         images, masks = images[:limit], masks[:limit]
     if not images:
         raise UserError(f"the {split} split under {root} is empty; add ids to its split file or "
                         "generate data with `python data.py synth`")
+    if split == "train" and transforms is None:
+        check_crop_fits(images, crop_size, scale[1])
     if transforms is None:
         transforms = train_transforms(crop_size, scale) if split == "train" else eval_transforms()
     return SegmentationFiles(images, masks, transforms)
 
 
-def eval_loader(root, limit=None, workers=0, download=True, split="val"):
-    """Full-resolution images one at a time (sizes differ, so no batching)."""
+def check_crop_fits(images, crop_size, max_scale):
+    """Refuse a training crop larger than every image even at the largest random scale.
+
+    A crop somewhat larger than the images is normal (DeepLab pads VOC's <= 500 px images to
+    513); one larger than all of them at every scale trains mostly on padding. Only the
+    image headers are read, which is fast.
+    """
+    largest = 0
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                largest = max(largest, *im.size)
+        except OSError:
+            return  # the loader names a broken file, with its own message
+    if crop_size > largest * max_scale:
+        raise UserError(f"--crop-size {crop_size} is larger than every training image, even at "
+                        f"the largest random scale ({largest} px x {max_scale:g} = "
+                        f"{largest * max_scale:.0f} px): the crops would be mostly padding; "
+                        f"use --crop-size {int(largest * max_scale)} or less (VOC: 480)")
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``: the evaluation share of one process.
+
+    Unlike ``DistributedSampler``, it never pads the shards to equal length, so summing the
+    processes' confusion matrices counts each image exactly once.
+    """
+
+    def __init__(self, length, rank=0, world_size=1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def eval_loader(root, limit=None, workers=0, download=True, split="val", rank=0, world_size=1):
+    """Full-resolution images one at a time (sizes differ, so no batching).
+
+    In a torchrun job each process gets its own shard (``ShardSampler``); sum the results
+    with ``engine.evaluate(..., reduce=...)``.
+    """
     dataset = build_dataset(root, split, limit=limit, download=download, transforms=eval_transforms())
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers,
-                      persistent_workers=False)
+    return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=workers, persistent_workers=False, worker_init_fn=quiet_worker)
 
 
 # --------------------------------------------------------------------------- generator

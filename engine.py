@@ -22,7 +22,7 @@ def logits_of(output):
 
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="eval",
-             keep=None, progress=True):
+             keep=None, progress=True, reduce=None):
     """Score ``model`` on ``loader`` (batches of full-size images, usually batch size 1).
 
     Returns a dict with mIoU, pixel accuracy, mean class accuracy, per-class IoU (a name ->
@@ -32,6 +32,9 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     after ``warmup`` untimed calls on the first batch; ``fps`` is its inverse.
     ``keep(index, target, pred)``, when given, sees every image's prediction (CPU tensors;
     ``index`` is the position in the dataset), for overlays.
+    ``reduce(confmat)``, when given, returns the confusion matrix summed over the processes
+    of a torchrun job, each of which scored its own shard of the images (the scores are
+    then over the whole set; per-image lists and timings stay this process's).
     """
     model.eval()
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -61,6 +64,9 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
             if keep is not None:
                 keep(index, target, pred)
             index += 1
+    if reduce is not None:
+        confmat = reduce(confmat)
+        index = int(reduce(torch.tensor(index)))
     scores = scores_from_confusion(confmat)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else [str(i) for i in range(num_classes)]
     ms = 1000 * statistics.median(times) if times else float("nan")
@@ -109,14 +115,45 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; carries the terms and the step for the message."""
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); ``partial`` records the epoch's progress so far."""
+
+    def __init__(self, partial):
+        super().__init__(f"interrupted at epoch {partial['epoch']}, step {partial['step']}")
+        self.partial = partial
+
+
+def rng_state():
+    """The random state the training step draws from (CPU, and CUDA when present)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teacher=None,
-                    adapters=None, scaler=None, amp_dtype=None, progress=True):
+                    adapters=None, scaler=None, amp_dtype=None, progress=True, check=None,
+                    partial=None, log_every=0):
     """One pass over ``loader``; returns the mean of every loss term as ``loss_<name>``.
 
     The teacher runs only when a term needs it (``criterion.needs()``), once per step for
     its logits and all its taps; the student returns its taps only when a feature term
     is on. ``amp_dtype`` (e.g. torch.float16) turns on autocast; the soft losses still
     compute in float32 (losses.py).
+
+    ``check(nonfinite) -> (nonfinite anywhere, stop requested anywhere)`` is called once per
+    step, before the backward pass, so that every process of a torchrun job takes the same
+    decision; without it only the local loss is checked. A stop raises ``Interrupted`` after
+    the step, carrying the partial record that ``partial`` takes back to finish the epoch:
+    its first ``step`` batches are drawn again and dropped (so the sampler and the workers'
+    augmentation streams are where they were), then the random state is restored, so the
+    resumed epoch is the one an unbroken run would have had.
     """
     student.train()
     if adapters is not None:
@@ -124,9 +161,20 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
     needs = criterion.needs()
     need_logits, need_adapted = "teacher_logits" in needs, "adapted" in needs
     need_feats = need_adapted or "raw" in needs
-    sums, batches = {}, 0
+    # the taps the adapters map (read through a DistributedDataParallel wrapper)
+    adapted_taps = list(getattr(adapters, "module", adapters).adapters) if need_adapted else []
+    start = partial["step"] if partial else 0
+    sums = dict(partial["sums"]) if partial else {}
+    batches = partial["batches"] if partial else 0
+    if start >= len(loader):  # stopped after its last step: only validation is left
+        set_rng_state(partial["rng"])
+        return {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for step, (images, targets) in enumerate(bar):
+        if step < start:
+            if step == start - 1:
+                set_rng_state(partial["rng"])
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -138,16 +186,19 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
                 logits, s_raw = student(images, return_features=True,
                                         return_preact="preact" in needs)
                 if need_adapted:
-                    s_feats = adapters({name: s_raw[name] for name in adapters.adapters})
+                    s_feats = adapters({name: s_raw[name] for name in adapted_taps})
             else:
                 logits = logits_of(student(images))
             terms = criterion(logits, targets, t_logits if need_logits else None, s_feats,
                               t_feats if need_feats else None, student_raw=s_raw)
             total = criterion.total(terms)
-        if not torch.isfinite(total):
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: total="
-                                f"{float(total)} ({shown})")
+        local_bad = not bool(torch.isfinite(total))
+        bad, stop = check(local_bad) if check is not None else (local_bad, False)
+        if bad:
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            where = "" if local_bad else " in another process of the job"
+            raise NonFiniteLoss(f"non-finite loss{where} at epoch {epoch}, step {step + 1}/"
+                                f"{len(loader)}: total={float(total.detach()):.4g} ({shown})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(total).backward()
@@ -160,11 +211,23 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
         for name, value in list(terms.items()) + [("total", total)]:
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         bar.set_postfix(loss=f"{sums['total'] / batches:.4f}")
+        if log_every and (step + 1) % log_every == 0:
+            tqdm.write(f"epoch {epoch} step {step + 1}/{len(loader)} loss "
+                       f"{sums['total'] / batches:.4f}")
+        if stop:
+            raise Interrupted({"epoch": epoch, "step": step + 1, "sums": sums,
+                               "batches": batches, "rng": rng_state()})
     return {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
 
 
-def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou):
-    """The one checkpoint schema: enough to rebuild the model alone, and to resume exactly."""
+def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou,
+                     partial=None):
+    """The one checkpoint schema: enough to rebuild the model alone, and to resume exactly.
+
+    ``epoch`` counts finished epochs; ``partial``, for a run stopped mid-epoch, records the
+    progress of the next one (``train_one_epoch``'s ``Interrupted.partial``, with the
+    random state of every process as a list by rank).
+    """
     return {
         "model": student.state_dict(),  # inference weights only: the adapters live apart
         "model_args": dict(student.model_args),
@@ -175,11 +238,13 @@ def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, arg
         "epoch": epoch,
         "args": dict(args) if not hasattr(args, "__dict__") else vars(args),
         "best_miou": best_miou,
+        "partial": partial,
     }
 
 
 def restore_training_state(ckpt, student, adapters, optimizer, scheduler, scaler):
-    """Load a checkpoint written by ``checkpoint_state``; returns (last epoch, best mIoU)."""
+    """Load a checkpoint written by ``checkpoint_state``; returns (finished epochs, best mIoU,
+    the partial record of the epoch in progress or None)."""
     student.load_state_dict(ckpt["model"])
     if adapters is not None:
         if ckpt.get("adapters") is None:
@@ -190,4 +255,4 @@ def restore_training_state(ckpt, student, adapters, optimizer, scheduler, scaler
         scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["epoch"], ckpt["best_miou"]
+    return ckpt["epoch"], ckpt["best_miou"], ckpt.get("partial")

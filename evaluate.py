@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import eval_loader
+from data import NUM_CLASSES, eval_loader
 from engine import evaluate_and_report, logits_of
 from nets import model_from_checkpoint
 from plots import save_overlay
-from utils import count_params, resolve_device, run_cli, save_json
+from utils import UserError, count_params, resolve_device, run_cli, save_json
 
 
 def get_args_parser():
@@ -79,6 +79,10 @@ def main(args):
     print(f"args: {vars(args)}")
     device = resolve_device(args.device)
     model, ckpt = model_from_checkpoint(args.model_path)
+    classes = ckpt["model_args"].get("num_classes", NUM_CLASSES)
+    if classes != NUM_CLASSES:
+        raise UserError(f"{args.model_path}: the model predicts {classes} classes, but PASCAL "
+                        f"VOC has {NUM_CLASSES}; pass a checkpoint trained on VOC")
     loader = eval_loader(args.data_root, args.limit, args.workers, not args.no_download)
     stem = Path(args.model_path).stem
     json_path = args.json or str(Path(args.output_dir) / f"{stem}_eval.json")

@@ -261,7 +261,7 @@ def main(args):
     for path, compress in compress_files.items():  # compress.json, compress_compiled.json, ...
         onnx = compress.get("onnx_max_abs_diff")
         doc += [f"`{path}`: {compress['checkpoint']} on {compress['hardware']}, input "
-                f"{compress['size']}x{compress['size']}{', torch.compile' if compress.get('compiled') else ''}, "
+                f"{compress['size']}x{compress['size']}, int8 run by {compress.get('int8_runtime', '?')}, "
                 f"mIoU on {compress['num_val_images']} images of {compress['data_root']}"
                 + (f"; ONNX max abs difference {onnx:.1e}." if onnx is not None else "."),
                 "", compress["table_markdown"], ""]

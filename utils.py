@@ -1,10 +1,12 @@
-"""Small helpers shared by the entry scripts: devices, seeds, atomic files, user errors.
+"""Small helpers shared by the entry scripts: devices, seeds, atomic files, user errors,
+interrupt requests and the process's place in a torchrun job.
 
 Nothing here knows about models or data; it sits at the bottom of the import graph.
 """
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,9 @@ def run_cli(main, parser):
     args = parser.parse_args()
     try:
         main(args)
+    except KeyboardInterrupt:  # Ctrl-C outside the part of a run that saves a checkpoint
+        print("error: interrupted (Ctrl-C); nothing was saved by this step", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -66,7 +71,15 @@ def resolve_device(name):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine; "
                             "use --device cpu (or auto)")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a device name; use cuda or cuda:N") from None
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s), "
+                            f"cuda:0 to cuda:{count - 1}; pick one of those")
+        return device
     if name == "mps":
         if not torch.backends.mps.is_available():
             raise UserError("--device mps: Apple MPS is not available on this machine; "
@@ -146,3 +159,148 @@ def save_json(obj, path):
 
 def torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# --------------------------------------------------------------------------- interrupts
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a request that the training loop honours between steps.
+
+    Used as a context manager around the training loop. The first signal only sets
+    ``signum``: the loop finishes its step, writes a checkpoint and exits. A second Ctrl-C
+    aborts at once, as users expect when they press it twice.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, verbose=True):
+        self.signum = None
+        self.verbose = verbose
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name} received: finishing the current step, then "
+                  "saving a checkpoint (Ctrl-C again aborts without saving)",
+                  file=sys.stderr, flush=True)
+
+
+def quiet_worker(worker_id):
+    """DataLoader ``worker_init_fn``: leave Ctrl-C to the main process.
+
+    A terminal's Ctrl-C reaches every process of the job. A worker that died of it would
+    make the main process fail mid-step; the main process instead finishes the step, saves,
+    and shuts its workers down itself. SIGTERM keeps its default: it is how the DataLoader
+    (and multiprocessing at exit) ends its workers, so a worker must never ignore it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+class Distributed:
+    """This process's place in a ``torchrun`` job: rank 0 of 1 when not launched by torchrun.
+
+    ``from_env`` joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK);
+    the helpers below are no-ops in a single process, so callers need no branches.
+    """
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, device=None):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device  # where collectives' tensors live (NCCL needs CUDA tensors)
+
+    @classmethod
+    def from_env(cls, device_request):
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        import torch.distributed as dist
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_request in ("auto", "cuda") or device_request.startswith("cuda")
+        if use_cuda and torch.cuda.is_available():
+            if torch.cuda.device_count() <= local_rank:
+                raise UserError(f"torchrun started {world_size} processes on this node but it "
+                                f"has {torch.cuda.device_count()} GPU(s); lower --nproc_per_node")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        elif device_request in ("auto", "cpu"):
+            device, backend = torch.device("cpu"), "gloo"
+        else:
+            raise UserError(f"--device {device_request} is not available for a torchrun job "
+                            "here; use --device cpu (gloo) or run on CUDA GPUs (nccl)")
+        dist.init_process_group(backend)
+        return cls(rank, world_size, local_rank, device)
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def any(self, *flags):
+        """Each flag OR-ed over all processes: one small all-reduce, so every rank agrees."""
+        if not self.enabled:
+            return [bool(f) for f in flags]
+        import torch.distributed as dist
+        t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def sum(self, tensor):
+        """``tensor`` summed over all processes (returned on its own device)."""
+        if not self.enabled:
+            return tensor
+        import torch.distributed as dist
+        t = tensor.to(self.device)
+        dist.all_reduce(t)
+        return t.to(tensor.device)
+
+    def gather(self, obj):
+        """Every process's ``obj``, as a list indexed by rank (on every rank)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_buffers(self, module):
+        """Copy rank 0's buffers (BatchNorm running statistics) to every process."""
+        if self.enabled:
+            import torch.distributed as dist
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -41,7 +41,7 @@ def test_compress_end_to_end(lite_checkpoint, synth_root, tmp_path):
         "--model_path", str(lite_checkpoint), "--data-root", str(synth_root), "--no-download",
         "--limit", "2", "--calib-images", "2", "--size", "64", "--runs", "1", "--warmup", "0",
         "--sparsity", "0.5", "--out-dir", str(tmp_path / "files"), "--json", str(out),
-        "--no-progress", "--threads", "1"])
+        "--no-progress", "--threads", "1", "--int8-eager"])
     threads = torch.get_num_threads()
     try:  # one thread: small ops gain nothing from two, and a shared CPU makes two crawl
         compress.main(args)
