@@ -289,26 +289,25 @@ def main(args):
     groups = [[name for name in variants if name != "onnx"]]
     if "onnx" in variants:
         groups.append(["fp32", "onnx"])
-    times, fp32_times = {}, {}
+    rounds = {}  # name -> (its times, fp32's times in the same rounds)
     for group in groups:
         print(f"timing {', '.join(group)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
         got = time_interleaved({name: variants[name]["model"] for name in group}, x, device,
                                args.runs, args.warmup)
-        for name in group[1:]:
-            times[name], fp32_times[name] = got[name], got["fp32"]
-        times.setdefault("fp32", got["fp32"])
-        fp32_times.setdefault("fp32", got["fp32"])
+        for name in group:
+            rounds.setdefault(name, (got[name], got["fp32"]))
 
     rows = []
     for name, v in variants.items():
         scores = evaluate(v["model"], loader, device, desc=name, progress=args.progress)
-        median = statistics.median(times[name])
+        times, fp32_times = rounds[name]
+        median = statistics.median(times)
         row = {"variant": name, "note": v["note"], "file": str(v["path"]),
-               "fp32_median_ms_same_round": 1000 * statistics.median(fp32_times[name]),
+               "fp32_median_ms_same_round": 1000 * statistics.median(fp32_times),
                "size_bytes": file_bytes(v["path"]), "zlib_bytes": zipped_bytes(v["path"]),
-               "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times[name], 0.9),
+               "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times, 0.9),
                "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
-               "times_ms": [1000 * t for t in times[name]]}
+               "times_ms": [1000 * t for t in times]}
         for key in ("zero_fraction", "max_abs_diff"):
             if key in v:
                 row[key] = v[key]

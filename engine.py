@@ -161,14 +161,13 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
     needs = criterion.needs()
     need_logits, need_adapted = "teacher_logits" in needs, "adapted" in needs
     need_feats = need_adapted or "raw" in needs
-    # the taps the adapters map (read through a DistributedDataParallel wrapper)
-    adapted_taps = list(getattr(adapters, "module", adapters).adapters) if need_adapted else []
     start = partial["step"] if partial else 0
     sums = dict(partial["sums"]) if partial else {}
     batches = partial["batches"] if partial else 0
+    means = lambda: {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
     if start >= len(loader):  # stopped after its last step: only validation is left
         set_rng_state(partial["rng"])
-        return {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
+        return means()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for step, (images, targets) in enumerate(bar):
         if step < start:
@@ -186,7 +185,7 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
                 logits, s_raw = student(images, return_features=True,
                                         return_preact="preact" in needs)
                 if need_adapted:
-                    s_feats = adapters({name: s_raw[name] for name in adapted_taps})
+                    s_feats = adapters(s_raw)
             else:
                 logits = logits_of(student(images))
             terms = criterion(logits, targets, t_logits if need_logits else None, s_feats,
@@ -217,7 +216,7 @@ def train_one_epoch(student, criterion, optimizer, loader, device, epoch, teache
         if stop:
             raise Interrupted({"epoch": epoch, "step": step + 1, "sums": sums,
                                "batches": batches, "rng": rng_state()})
-    return {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
+    return means()
 
 
 def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou,

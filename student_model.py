@@ -195,7 +195,9 @@ class FeatureAdapters(nn.Module):
                                        for name in student_channels})
 
     def forward(self, feats):
-        unknown = set(feats) - set(self.adapters)
-        if unknown:
-            raise KeyError(f"no adapter for taps {sorted(unknown)}; have {sorted(self.adapters)}")
-        return {name: self.adapters[name](f) for name, f in feats.items()}
+        """{tap: adapted map} for every tap with an adapter; other entries of ``feats`` (the
+        student's 'preact') pass by, so callers hand over the student's taps as they come."""
+        missing = set(self.adapters) - set(feats)
+        if missing:
+            raise KeyError(f"taps {sorted(missing)} are missing; the adapters need {sorted(self.adapters)}")
+        return {name: adapter(feats[name]) for name, adapter in self.adapters.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -191,10 +192,6 @@ class StopRequest:
     def requested(self):
         return self.signum is not None
 
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name if self.signum else None
-
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -234,7 +231,6 @@ class Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
-        import torch.distributed as dist
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device_request in ("auto", "cuda") or device_request.startswith("cuda")
         if use_cuda and torch.cuda.is_available():
@@ -264,7 +260,6 @@ class Distributed:
         """Each flag OR-ed over all processes: one small all-reduce, so every rank agrees."""
         if not self.enabled:
             return [bool(f) for f in flags]
-        import torch.distributed as dist
         t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
@@ -273,7 +268,6 @@ class Distributed:
         """``tensor`` summed over all processes (returned on its own device)."""
         if not self.enabled:
             return tensor
-        import torch.distributed as dist
         t = tensor.to(self.device)
         dist.all_reduce(t)
         return t.to(tensor.device)
@@ -282,7 +276,6 @@ class Distributed:
         """Every process's ``obj``, as a list indexed by rank (on every rank)."""
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -290,17 +283,14 @@ class Distributed:
     def broadcast_buffers(self, module):
         """Copy rank 0's buffers (BatchNorm running statistics) to every process."""
         if self.enabled:
-            import torch.distributed as dist
             for buf in module.buffers():
                 dist.broadcast(buf, src=0)
 
     def barrier(self):
         if self.enabled:
-            import torch.distributed as dist
             dist.barrier()
 
     def close(self):
         if self.enabled:
-            import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
