@@ -27,6 +27,7 @@ Everything lands in --json (outputs/compress.json).
 """
 import argparse
 import copy
+import importlib
 import os
 import statistics
 import zlib
@@ -214,6 +215,27 @@ class OnnxModel(nn.Module):
 
 # --------------------------------------------------------------------------- main
 
+OPTIONAL = {"int8": ("torchao",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
+
+
+def check_optional_imports(skip):
+    """Refuse to start when a step's optional package is missing (requirements-optional.txt)."""
+    missing = {}
+    for step, modules in OPTIONAL.items():
+        for module in modules:
+            if step in skip:
+                continue
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.setdefault(step, []).append(module)
+    if missing:
+        names = ", ".join(m for ms in missing.values() for m in ms)
+        raise UserError(f"{names} not installed (needed by the {' and '.join(missing)} step); "
+                        "install them with `pip install -r requirements-optional.txt`, or leave "
+                        f"the step out with --skip {' '.join(missing)}")
+
+
 def file_bytes(path):
     return os.path.getsize(path)
 
@@ -230,6 +252,7 @@ def main(args):
     device = torch.device("cpu")
     if not 0 <= args.sparsity < 1:
         raise UserError(f"--sparsity {args.sparsity}: give a fraction in [0, 1)")
+    check_optional_imports(args.skip)  # before anything is written
     model, ckpt = model_from_checkpoint(args.model_path)
     model.eval()
     out_dir = Path(args.out_dir)

@@ -9,6 +9,8 @@ everything runs offline.
     python data.py check --data-root data/synth            # load every file once, report problems
 """
 import argparse
+import os
+import shlex
 import sys
 import urllib.error
 from pathlib import Path
@@ -22,7 +24,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from utils import UserError, quiet_worker
+from utils import UserError, quiet_worker, reason
 
 IGNORE_INDEX = 255  # "void" in VOC masks: object borders, padding; never a class
 NUM_CLASSES = 21
@@ -170,18 +172,36 @@ def _manual_voc_message(root, reason):
             "`python data.py synth --root DIR` writes a small VOC-format tree")
 
 
+def move_command(src, dst_parent):
+    """The shell line that moves ``src`` into ``dst_parent``, for this platform's shell."""
+    if os.name == "nt":  # PowerShell, PyCharm's terminal on Windows
+        return (f"New-Item -ItemType Directory -Force '{dst_parent}'; "
+                f"Move-Item '{src}' '{dst_parent}'")
+    return f"mkdir -p {shlex.quote(str(dst_parent))} && mv {shlex.quote(str(src))} {shlex.quote(str(dst_parent))}/"
+
+
+def check_not_nested(root, voc_dir):
+    """Refuse a VOC tree one folder too deep (Windows' "Extract all" adds the archive's name)
+    rather than download 2 GB again beside it."""
+    for nested in sorted(Path(root).glob("*/VOCdevkit/VOC2012")):
+        if nested.is_dir() and nested != voc_dir:
+            raise UserError(f"{nested}: PASCAL VOC 2012 is one folder too deep; the scripts read "
+                            f"{voc_dir}: move it there with `{move_command(nested, voc_dir.parent)}`")
+
+
 def ensure_voc(root, download=True):
     """Make sure ``root/VOCdevkit/VOC2012`` exists, downloading it when allowed."""
     voc_dir = Path(root) / "VOCdevkit" / "VOC2012"
     if voc_dir.is_dir():
         return voc_dir
+    check_not_nested(root, voc_dir)
     if not download:
         raise UserError(_manual_voc_message(root, "downloading is off"))
     print(f"PASCAL VOC 2012 not found in {root}; downloading {VOC_ARCHIVE} ...", file=sys.stderr)
     try:
         datasets.VOCSegmentation(str(root), year="2012", image_set="train", download=True)
     except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
-        raise UserError(_manual_voc_message(root, " ".join(str(exc).split())[:200])) from None
+        raise UserError(_manual_voc_message(root, reason(exc, 200))) from None
     return voc_dir
 
 
@@ -205,15 +225,43 @@ def voc_files(root, image_set, download=True):
     return voc.images, voc.masks
 
 
-def sbd_files(sbd_root):
+SBD_SPLITS = ("train", "val", "train_noval")
+
+
+def _sbd_present(sbd_root):
+    return (Path(sbd_root) / "img").is_dir() and any(
+        (Path(sbd_root) / f"{s}.txt").is_file() for s in SBD_SPLITS)
+
+
+def _manual_sbd_message(sbd_root, why):
+    return (f"SBD not found in {sbd_root}, and it could not be downloaded ({why}); --train-set trainaug "
+            "needs the Semantic Boundaries Dataset: extract benchmark.tgz's "
+            f"benchmark_RELEASE/dataset/ folder into {sbd_root} (img/, cls/, train.txt, "
+            "val.txt) and add train_noval.txt, or use --train-set voc")
+
+
+def ensure_sbd(sbd_root, download=True):
+    """Make sure SBD is in ``sbd_root``, downloading it through torchvision when allowed."""
+    if _sbd_present(sbd_root):
+        return
+    if not download:
+        raise UserError(_manual_sbd_message(sbd_root, "downloading is off"))
+    print(f"SBD not found in {sbd_root}; downloading benchmark.tgz (about 1.4 GB) and its "
+          "train_noval split ...", file=sys.stderr)
+    try:  # train_noval: torchvision then fetches the split that leaves VOC val out
+        datasets.SBDataset(str(sbd_root), image_set="train_noval", mode="segmentation",
+                           download=True)
+    except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
+        raise UserError(_manual_sbd_message(sbd_root, reason(exc, 200))) from None
+
+
+def sbd_files(sbd_root, download=True):
     """Image and .mat mask paths of every SBD split file present (train, val, train_noval)."""
-    splits = [s for s in ("train", "val", "train_noval") if (Path(sbd_root) / f"{s}.txt").is_file()]
-    if not (Path(sbd_root) / "img").is_dir() or not splits:
-        raise UserError(f"SBD not found in {sbd_root}: --train-set trainaug needs the Semantic "
-                        "Boundaries Dataset; extract benchmark.tgz's dataset/ folder there (img/, "
-                        "cls/, train.txt, val.txt) and add train_noval.txt, or use --train-set voc")
+    ensure_sbd(sbd_root, download)
     images, masks = [], []
-    for split in splits:
+    for split in SBD_SPLITS:
+        if not (Path(sbd_root) / f"{split}.txt").is_file():
+            continue
         sbd = datasets.SBDataset(str(sbd_root), image_set=split, mode="segmentation", download=False)
         images += sbd.images
         masks += sbd.masks
@@ -237,7 +285,7 @@ def build_dataset(root, split, train_set="voc", crop_size=480, limit=None, downl
     if split == "train" and train_set == "trainaug":
         val_ids = {_file_id(p) for p in voc_files(root, "val", download)[0]}
         seen = {_file_id(p) for p in images}
-        sbd_images, sbd_masks = sbd_files(sbd_root or Path(root) / "SBD")
+        sbd_images, sbd_masks = sbd_files(sbd_root or Path(root) / "SBD", download)
         for img, msk in zip(sbd_images, sbd_masks):
             key = _file_id(img)
             if key not in val_ids and key not in seen:

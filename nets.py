@@ -7,18 +7,17 @@ segmentation models (``fcn_resnet50``, ``fcn_resnet101``, ``deeplabv3_resnet50``
 Every checkpoint this repo writes holds ``model`` (a state dict) and ``model_args``
 (``{'arch': ..., 'num_classes': ...}``), so ``build_model(**model_args)`` rebuilds it alone.
 """
-import sys
-import urllib.error
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_seg
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from utils import UserError
+from utils import UserError, load_pretrained
 
 STUDENT_ARCHS = ("lite", "lab")
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
@@ -46,37 +45,29 @@ def build_model(arch, num_classes=21, pretrained=False):
     if num_classes != 21:
         raise UserError(f"torchvision's pretrained {arch} predicts 21 VOC classes, not "
                         f"{num_classes}; use --weights none or a checkpoint")
-    weights = tv_seg.get_model_weights(arch).DEFAULT
-    try:
-        model = builder(weights=weights, **extra)
-        model.model_args = {"arch": arch, "num_classes": num_classes}
-        return model
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise UserError(
-            f"could not download torchvision's {arch} weights ({reason}); offline, copy "
-            f"{weights.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or pass "
-            "a local state dict as the weights PATH, or 'none' for random weights") from None
+    weights = get_model_weights(arch).DEFAULT
+    model = load_pretrained(lambda: builder(weights=weights, **extra), weights,
+                            f"torchvision's {arch} weights",
+                            "pass a local state dict as the weights PATH, or 'none' for random "
+                            "weights")
+    model.model_args = {"arch": arch, "num_classes": num_classes}
+    return model
 
 
 def build_student(arch, num_classes=21, pretrained_backbone=True):
     """A student to train: a compact one, or an off-the-shelf baseline (BASELINE_STUDENTS)
-    whose ImageNet backbone is loaded when ``pretrained_backbone`` (offline: one warning
-    line and random init, like the compact students)."""
+    whose ImageNet backbone is loaded when ``pretrained_backbone`` (offline: a one-line
+    error naming the file to place in torch's hub cache, like the compact students)."""
     if arch not in BASELINE_STUDENTS:
         return build_model(arch, num_classes, pretrained=pretrained_backbone)
-    model = None
-    if pretrained_backbone:
-        from torchvision.models import MobileNet_V3_Large_Weights
-        try:
-            model = getattr(tv_seg, arch)(weights=None, num_classes=num_classes,
-                                          weights_backbone=MobileNet_V3_Large_Weights.IMAGENET1K_V1)
-        except (urllib.error.URLError, OSError, RuntimeError) as exc:
-            reason = " ".join(str(exc).split())[:160]
-            print(f"warning: could not download {arch}'s ImageNet backbone ({reason}); using "
-                  "random init", file=sys.stderr)
-    if model is None:
+    if not pretrained_backbone:
         return build_model(arch, num_classes, pretrained=False)
+    weights = get_model_weights("mobilenet_v3_large").IMAGENET1K_V1
+    model = load_pretrained(
+        lambda: getattr(tv_seg, arch)(weights=None, num_classes=num_classes,
+                                      weights_backbone=weights),
+        weights, f"{arch}'s ImageNet backbone",
+        "pass --no-pretrained-backbone to start from random weights")
     model.model_args = {"arch": arch, "num_classes": num_classes}
     return model
 
@@ -120,6 +111,11 @@ def load_model(arch, weights, num_classes=21):
     PATH is a bare state dict of ``arch`` or any checkpoint this repo writes; a checkpoint
     that records another architecture or class count is refused with a clear message.
     """
+    if weights == "default" and arch in STUDENT_ARCHS:
+        # build_model would give an ImageNet backbone under a random head: no teacher at all
+        raise UserError(f"no pretrained {arch} teacher exists ('default' weights are "
+                        "torchvision's, for its own models); pass a checkpoint of a trained "
+                        f"{arch}, e.g. --teacher-weights models/NAME_best.pth")
     if weights in ("default", "none"):
         return build_model(arch, num_classes, pretrained=weights == "default")
     state, model_args = split_checkpoint(read_checkpoint(weights))

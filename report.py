@@ -16,8 +16,10 @@ One source per report, never a mix: demo numbers are on generated data.
 """
 import argparse
 import json
+import os
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 
 from utils import REPO_DIR, UserError, run_cli
@@ -180,9 +182,45 @@ def overlay_files(result, outputs):
 def main(args):
     outputs, plots, out = Path(args.outputs), Path(args.plots), Path(args.out)
     source = choose_source(outputs, args.source)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if not result_files(outputs, source):
+        raise UserError(f"no result files to report in {outputs} (source: {source}); {out} is "
+                        "left as it was: run the commands of test.txt, or `python demo.py`, first")
+    # built beside the old report and swapped in at the end: a failure on the way leaves the
+    # old one whole
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out.chmod(0o755)  # mkdtemp's 0700 would stay with the report
+    try:
+        result = write_report(outputs, plots, out, source)
+        replace_dir(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"report written to {final / 'README.md'} (source: {source})")
+    return {**result, "path": str(final / "README.md")}
+
+
+def result_files(outputs, source):
+    """The result files a report would read; none means there is nothing to report."""
+    methods = [m for m, _ in METHODS] + extra_methods(outputs, source)
+    candidates = [eval_path(outputs, m, source) for m in methods]
+    candidates += [outputs / "benchmark.json", *sorted(outputs.glob("compress*.json"))]
+    return [p for p in candidates if p.is_file()]
+
+
+def replace_dir(new, old):
+    """Put folder ``new`` where ``old`` is, removing ``old`` only once ``new`` is in place."""
+    if old.exists():
+        trash = old.with_name(f".{old.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(old, trash)
+        os.replace(new, old)
+        shutil.rmtree(trash)
+    else:
+        os.replace(new, old)
+
+
+def write_report(outputs, plots, out, source):
+    """Write report/README.md and its figures into the (empty) folder ``out``."""
     demo_results = read_json(outputs / "demo_results.json") if source == "demo" else None
     rows = []
     for method, label in list(METHODS) + [(m, m) for m in extra_methods(outputs, source)]:
@@ -275,8 +313,7 @@ def main(args):
             doc.append(f"| `{name}` | {data.get('device', '?')} | {data.get('hardware', '?')} |")
     doc.append("")
     (out / "README.md").write_text("\n".join(doc))
-    print(f"report written to {out / 'README.md'} (source: {source})")
-    return {"source": source, "rows": rows, "path": str(out / "README.md")}
+    return {"source": source, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -47,13 +47,12 @@ stride 32, so the ImageNet weights keep their meaning, and the ASPP sees 2x fine
 The image-pooling branch broadcasts its 1x1 output back to H x W (``expand``): that is what
 bilinear upsampling of a 1x1 map gives, without the interpolation call.
 """
-import sys
-import urllib.error
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
+
+from utils import load_pretrained
 
 # Head widths: (ASPP channels, decoder channels, separable 3x3 convs?)
 _VARIANTS = {"lab": (256, 256, False), "lite": (96, 96, True)}
@@ -92,16 +91,15 @@ class ASPP(nn.Module):
 
 
 def _backbone(pretrained):
-    features = None
     if pretrained:
-        try:
-            features = mobilenet_v3_small(weights=MobileNet_V3_Small_Weights.IMAGENET1K_V1,
-                                          dilated=True).features
-        except (urllib.error.URLError, OSError, RuntimeError) as exc:
-            reason = " ".join(str(exc).split())[:160]
-            print(f"warning: could not download MobileNetV3-Small ImageNet weights ({reason}); "
-                  "using random init", file=sys.stderr)
-    if features is None:
+        # a failed download stops the run: a student silently trained from random weights
+        # could not be told apart from a pretrained one later
+        weights = MobileNet_V3_Small_Weights.IMAGENET1K_V1
+        features = load_pretrained(
+            lambda: mobilenet_v3_small(weights=weights, dilated=True).features, weights,
+            "MobileNetV3-Small's ImageNet weights",
+            "pass --no-pretrained-backbone to start from random weights")
+    else:
         features = mobilenet_v3_small(weights=None, dilated=True).features
     # torchvision builds MobileNetV3's BatchNorms with momentum 0.01 (long ImageNet runs);
     # segmentation fine-tuning runs far fewer steps, and at 0.01 the running statistics used

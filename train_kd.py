@@ -186,8 +186,8 @@ def kd_weights_on(args):
 
 
 # flags that shape the training itself: resuming with other values gives another run
-TRAINING_FLAGS = ("student", "alpha", "beta", "tau", "w_pixel", "w_pair", "w_at", "w_cwd",
-                  "cwd_tau", "kd_schedule", "kd_warmup_epochs", "kd_step_epoch", "teacher",
+TRAINING_FLAGS = ("student", "pretrained_backbone", "alpha", "beta", "tau", "w_pixel", "w_pair",
+                  "w_at", "w_cwd", "cwd_tau", "kd_schedule", "kd_warmup_epochs", "kd_step_epoch", "teacher",
                   "teacher_weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
                   "scheduler", "crop_size", "scale_range", "train_set", "limit_train", "seed",
                   "amp")
@@ -326,6 +326,9 @@ def train(args, dist):
                             pretrained_backbone=args.pretrained_backbone and resume is None)
     if resume is not None:
         check_resume_fits(resume, resume_path, student, args, log)
+        # the backbone came from the run's first start: record what that start used
+        args.pretrained_backbone = (resume.get("args") or {}).get("pretrained_backbone",
+                                                                  args.pretrained_backbone)
     if args.sync_bn and dist.enabled:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device)
@@ -454,6 +457,7 @@ def train(args, dist):
     plots = plot_history(history_path, args.plot_dir, args.out)
     summary = {"name": args.out, "student": args.student, "alpha": args.alpha, "beta": args.beta,
                "tau": args.tau, "teacher": args.teacher if distil else None,
+               "pretrained_backbone": args.pretrained_backbone,
                "epochs": args.epochs, "best_miou": best_miou,
                "final_miou": records[-1]["val_miou"] if records else None,
                "params": count_params(student),

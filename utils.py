@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,25 @@ def one_line(exc):
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+def reason(exc, limit=160):
+    """The message of ``exc`` on one line, cut to ``limit`` characters (for error lines)."""
+    return " ".join(str(exc).split())[:limit]
+
+
+def load_pretrained(build, weights, what, fix):
+    """``build()``, which loads torchvision's ``weights``; a failed download becomes one line.
+
+    torch reads its hub cache before it downloads, so the message names the exact file that
+    an offline user can place there, and ``fix``, the flag that does without it.
+    """
+    try:
+        return build()
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:  # offline, or a broken file
+        name = weights.url.rsplit("/", 1)[-1]
+        raise UserError(f"could not load {what} ({reason(exc)}); offline, copy {name} into "
+                        f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or {fix}") from None
 
 
 def run_cli(main, parser):

@@ -33,3 +33,27 @@ def voc_dir(root):
 
 def split_ids(root, split):
     return (voc_dir(root) / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds stand-ins of every pretrained file the lab loads:
+    torchvision's own file names, the right architectures, random values. torch reads this
+    cache before it downloads, so the default-weights path runs offline exactly as online."""
+    import torch
+    from torchvision import models
+    from torchvision.models import segmentation
+
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(0)
+    stand_ins = [
+        (segmentation.FCN_ResNet50_Weights.DEFAULT,
+         lambda: segmentation.fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True)),
+        (models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, models.mobilenet_v3_small),
+        (models.MobileNet_V3_Large_Weights.IMAGENET1K_V1, models.mobilenet_v3_large),
+    ]
+    for weights, build in stand_ins:
+        torch.save(build().state_dict(), checkpoints / weights.url.rsplit("/", 1)[-1])
+    return home

@@ -119,6 +119,13 @@ def teacher_weights_of_another_architecture(root, work):
                                                         "not a fcn_resnet50"]
 
 
+def compact_teacher_with_default_weights(root, work):
+    # torchvision has no pretrained lite: 'default' would be an ImageNet backbone, random head
+    return train_kd, ["--out", "new", "--alpha", "0.5", "--teacher", "lite",
+                      "--teacher-weights", "default"], \
+        ["no pretrained lite teacher exists", "--teacher-weights models/NAME_best.pth"]
+
+
 def truncated_checkpoint(root, work):
     cut = work / "cut.pth"
     cut.write_bytes((work / "models/good_last.pth").read_bytes()[:5000])
@@ -171,6 +178,7 @@ def existing_run_without_resume(root, work):
 CASES = [truncated_jpeg, truncated_jpeg_mid_run, label_37, missing_split, absent_image,
          size_mismatch, checkpoint_of_another_architecture, checkpoint_of_another_class_count,
          evaluate_checkpoint_of_another_class_count, teacher_weights_of_another_architecture,
+         compact_teacher_with_default_weights,
          truncated_checkpoint, evaluate_truncated_checkpoint, crop_larger_than_every_image,
          batch_larger_than_dataset, empty_dataset, limit_that_keeps_nothing, unknown_device,
          unavailable_device, existing_run_without_resume]

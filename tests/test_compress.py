@@ -1,12 +1,14 @@
 """compress.py on a random-init 'lite' checkpoint: int8 runs, pruning reaches its sparsity,
 ONNX matches PyTorch."""
 import json
+import sys
 
 import pytest
 import torch
 
 import compress
 from nets import build_model, model_from_checkpoint
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,19 @@ def test_compress_end_to_end(lite_checkpoint, synth_root, tmp_path):
     # a pruned checkpoint loads like any other
     model, _ = model_from_checkpoint(rows["pruned_channels"]["file"])
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+
+
+def test_missing_optional_packages_stop_before_any_file(lite_checkpoint, synth_root, tmp_path,
+                                                        monkeypatch):
+    """Without requirements-optional.txt: one line naming the install, nothing written."""
+    for module in ("onnxruntime", "torchao"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    args = compress.get_args_parser().parse_args([
+        "--model_path", str(lite_checkpoint), "--data-root", str(synth_root), "--no-download",
+        "--out-dir", str(tmp_path / "files"), "--json", str(tmp_path / "compress.json")])
+    with pytest.raises(UserError) as err:
+        compress.main(args)
+    message = str(err.value)
+    assert "torchao, onnxruntime not installed" in message
+    assert "pip install -r requirements-optional.txt" in message and "--skip int8 onnx" in message
+    assert list(tmp_path.iterdir()) == []

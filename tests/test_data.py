@@ -1,4 +1,6 @@
 """The VOC pipeline: generated trees, joint transforms, the ignore label, bad input."""
+import shutil as data_shutil
+import subprocess
 import urllib.error
 
 import numpy as np
@@ -228,3 +230,20 @@ def test_trainaug_adds_sbd_without_voc_val_images(synth_root, tmp_path):
     with pytest.raises(UserError, match="SBD not found"):
         build_dataset(synth_root, "train", train_set="trainaug", sbd_root=tmp_path / "none",
                       download=False)
+
+
+def test_voc_one_folder_too_deep_names_the_exact_move(synth_root, tmp_path):
+    """Windows' "Extract all" adds the archive's name as a folder: say how to move it,
+    and never start the 2 GB download beside it."""
+    root = tmp_path / "data"
+    nested = root / "VOCtrainval_11-May-2012" / "VOCdevkit" / "VOC2012"
+    data_shutil.copytree(voc_dir(synth_root), nested)
+    with pytest.raises(UserError) as err:
+        build_dataset(root, "val", download=True)
+    message = str(err.value)
+    assert "\n" not in message and "one folder too deep" in message
+    command = message.split("`")[1]
+    assert command == data.move_command(nested, root / "VOCdevkit")
+    if data.os.name != "nt":  # the command, run as printed, puts VOC where it is read
+        subprocess.run(command, shell=True, check=True)
+        assert len(build_dataset(root, "val", download=False)) == len(split_ids(synth_root, "val"))

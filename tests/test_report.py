@@ -1,8 +1,12 @@
 """report.py rebuilds its tables from the result JSONs: every number in the main table equals
 the value in the file it names, and missing runs show as "not run" with their command."""
+import hashlib
 import json
+import subprocess
+import sys
 
 import report
+from conftest import REPO
 
 
 def write(path, obj):
@@ -86,10 +90,45 @@ def test_demo_source_and_extra_methods(tmp_path):
     assert "| lite |" in markdown
 
 
-def test_empty_outputs_show_every_row_as_not_run(tmp_path):
-    (tmp_path / "outputs").mkdir()
+def test_missing_runs_show_as_not_run_with_their_command(tmp_path):
+    write(tmp_path / "outputs" / "benchmark.json", {"hardware": "CPU (test)", "device": "cpu",
+                                                    "size": 520, "table_markdown": "| m |"})
     _, markdown = run_report(tmp_path, source="voc")
     rows = parse_main_table(markdown)
     assert len(rows) == len(report.METHODS)
     assert all(cells[1] == "not run" for cells in rows.values())
     assert "`python test_teacher.py" in rows["Teacher"][6]
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_no_results_leave_the_old_report_untouched(tmp_path):
+    """A fresh clone has no outputs/: the committed report must survive `python report.py`."""
+    old = tmp_path / "report"
+    (old / "gallery" / "teacher").mkdir(parents=True)
+    (old / "README.md").write_text("# an earlier report\n")
+    (old / "gallery" / "teacher" / "success_0.png").write_bytes(b"png")
+    before = snapshot(old)
+    (tmp_path / "outputs").mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "report.py"), "--outputs", "outputs",
+                           "--plots", "plots", "--out", "report"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no result files to report in outputs")
+    assert "report is left as it was" in lines[0]
+    assert snapshot(old) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "report"]  # no leftovers
+
+
+def test_a_new_report_replaces_the_old_one_whole(tmp_path):
+    old = tmp_path / "report"
+    old.mkdir()
+    (old / "stale.png").write_bytes(b"png")
+    write(tmp_path / "outputs" / "no_kd_eval.json", fake_eval(0.5, 1298981, 10.0))
+    run_report(tmp_path, source="voc")
+    assert not (old / "stale.png").exists() and (old / "README.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "report"]

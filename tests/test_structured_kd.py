@@ -412,6 +412,19 @@ def test_train_kd_logs_every_term_and_the_scheduled_weights_and_resumes(synth_ro
             sum(w * r[f"loss_{k}"] for k, w in r["weights"].items() if w), rel=1e-4)
 
 
+def test_resume_records_the_backbone_of_the_runs_first_start(synth_root, tmp_path, capsys):
+    """A run started from random weights stays recorded as such when the resuming command
+    omits --no-pretrained-backbone (its backbone comes from the checkpoint)."""
+    train_kd.main(_train_args(synth_root, tmp_path, "--out", "rand", "--epochs", "1"))
+    args = _train_args(synth_root, tmp_path, "--out", "rand", "--resume", "auto")
+    args.pretrained_backbone = True  # the flag left out
+    summary = train_kd.main(args)
+    assert summary["pretrained_backbone"] is False and summary["args"]["pretrained_backbone"] is False
+    assert "--pretrained-backbone false -> true" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "models/rand_last.pth", weights_only=True)
+    assert saved["args"]["pretrained_backbone"] is False
+
+
 def test_lraspp_student_refuses_feature_terms_and_trains_with_logit_terms(synth_root, tmp_path):
     for flag in ("--w-pixel", "--w-pair", "--w-at", "--beta"):
         with pytest.raises(UserError, match=f"{flag} needs feature taps.*lraspp_mobilenet_v3_large"):

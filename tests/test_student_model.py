@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from student_model import CompactStudentModel, FeatureAdapters  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # The strides the module docstring claims for each tap.
 CLAIMED = {"low": (24, 8), "mid": (40, 16), "high": (576, 16)}
@@ -109,7 +110,9 @@ def test_feature_adapters_map_channels_outside_student(models):
     assert len(student_keys) == len(CompactStudentModel("lite", pretrained_backbone=False).state_dict())
 
 
-def test_pretrained_download_failure_falls_back_with_warning(monkeypatch, capsys):
+def test_pretrained_download_failure_is_one_line_naming_the_hub_file(monkeypatch, tmp_path):
+    """Offline, the backbone request stops with the file to place in the hub cache (no
+    silent random init, which a later reader of the run could not tell apart)."""
     import torchvision.models._api as tv_api
 
     calls = []
@@ -119,15 +122,17 @@ def test_pretrained_download_failure_falls_back_with_warning(monkeypatch, capsys
         raise urllib.error.URLError("no network in test")
 
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
-    model = CompactStudentModel("lite", num_classes=21, pretrained_backbone=True).eval()
-    err = capsys.readouterr().err
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError) as err:
+        CompactStudentModel("lite", num_classes=21, pretrained_backbone=True)
+    message = str(err.value)
     assert calls and "mobilenet_v3_small" in calls[0]
-    assert err.count("\n") == 1
-    assert err.startswith("warning: could not download MobileNetV3-Small ImageNet weights (")
-    assert "no network in test" in err and err.rstrip().endswith("using random init")
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 48, 48)).shape == (1, 21, 48, 48)
+    assert "\n" not in message and "no network in test" in message
+    assert f"copy mobilenet_v3_small-047dcff4.pth into {tmp_path / 'hub' / 'checkpoints'}" in message
+    assert "--no-pretrained-backbone" in message
 
     # pretrained_backbone=False must not even try
-    CompactStudentModel("lite", pretrained_backbone=False)
-    assert len(calls) == 1 and capsys.readouterr().err == ""
+    with torch.no_grad():
+        model = CompactStudentModel("lite", pretrained_backbone=False).eval()
+        assert model(torch.randn(1, 3, 48, 48)).shape == (1, 21, 48, 48)
+    assert len(calls) == 1

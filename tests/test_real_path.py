@@ -1,0 +1,197 @@
+"""The lab's real path, rehearsed offline: every command of train.txt and test.txt, read from
+the files and run as written, each as its own process, from a fresh copy of the repository
+whose ./data is empty.
+
+Nothing is mocked inside the scripts:
+- pretrained weights are stand-ins in a temporary $TORCH_HOME hub cache, under torchvision's
+  own file names (conftest.hub_cache), which torch reads before it would download;
+- PASCAL VOC and SBD are tiny generated archives laid out like the real ones, served by an
+  HTTP server on 127.0.0.1; torchvision's URLs and checksums point there (rehearsal_site/
+  sitecustomize.py), so the real download -> check -> extract -> load code runs.
+Appended to each line are only flags that shrink the work (SHRINK).
+"""
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from conftest import REPO
+from data import synth_sample, write_synth_voc
+
+SITE = REPO / "tests" / "rehearsal_site"
+TRAIN = ["--epochs", "1", "--limit-train", "4", "--limit-val", "2", "--batch-size", "2",
+         "--crop-size", "64"]
+SHRINK = {  # script -> flags appended to its lines: fewer epochs, images, runs, smaller sizes
+    "train_kd.py": TRAIN,
+    "demo.py": ["--train", "8", "--val", "3", "--size", "48", "--teacher-epochs", "1",
+                "--epochs", "1", "--batch-size", "4", "--crop-size", "48"],
+    "test_teacher.py": ["--limit", "2"],
+    "evaluate.py": ["--limit", "2", "--num_images", "2"],
+    "benchmark.py": ["--size", "64", "--batch", "2", "--runs", "1", "--warmup", "0"],
+    "compress.py": ["--int8-eager", "--limit", "2", "--calib-images", "2", "--size", "64",
+                    "--runs", "1", "--warmup", "0"],
+    "report.py": [],
+}
+OPTIONAL_INSTALLED = all(find_spec(m) for m in ("torchao", "onnx", "onnxscript", "onnxruntime"))
+
+
+def lab_lines(name):
+    return [line for line in (REPO / name).read_text().splitlines() if line.startswith("python ")]
+
+
+# --------------------------------------------------------------------------- the downloads
+
+def voc_archive(folder):
+    """VOCtrainval_11-May-2012.tar as the real one is laid out: VOCdevkit/VOC2012/..."""
+    write_synth_voc(folder / "tree", n_train=8, n_val=4, size=64, seed=5, num_object_classes=4)
+    path = folder / "VOCtrainval_11-May-2012.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(folder / "tree" / "VOCdevkit", arcname="VOCdevkit")
+    return path
+
+
+def sbd_archive(folder, voc_val_id):
+    """benchmark.tgz (benchmark_RELEASE/dataset/{img,cls,inst,train.txt,val.txt}) and the
+    train_noval.txt split; one SBD id is a VOC val image, which trainaug must leave out."""
+    dataset = folder / "sbd" / "benchmark_RELEASE" / "dataset"
+    for sub in ("img", "cls", "inst"):
+        (dataset / sub).mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    ids = ["2008_000001", "2008_000002", "2008_000003", voc_val_id]
+    for name in ids:
+        image, label = synth_sample(rng, 64, 72, num_object_classes=4)
+        Image.fromarray(image).save(dataset / "img" / f"{name}.jpg")
+        for sub in ("cls", "inst"):
+            savemat(dataset / sub / f"{name}.mat", {"GTcls": {"Segmentation": label}})
+    (dataset / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (dataset / "val.txt").write_text(ids[3] + "\n")
+    (folder / "train_noval.txt").write_text("\n".join(ids) + "\n")
+    path = folder / "benchmark.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder / "sbd" / "benchmark_RELEASE", arcname="benchmark_RELEASE")
+    return path, folder / "train_noval.txt"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def download_server(tmp_path_factory):
+    """The archives behind an HTTP server on 127.0.0.1; yields what sitecustomize reads."""
+    folder = tmp_path_factory.mktemp("served")
+    voc = voc_archive(folder)
+    val_id = (folder / "tree/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()[0]
+    sbd, split = sbd_archive(folder, val_id)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    md5 = lambda p: hashlib.md5(p.read_bytes()).hexdigest()
+    yield {"voc": f"{base}/{voc.name}", "voc_md5": md5(voc), "sbd": f"{base}/{sbd.name}",
+           "sbd_md5": md5(sbd), "sbd_split": f"{base}/{split.name}", "sbd_split_md5": md5(split)}
+    server.shutdown()
+
+
+# --------------------------------------------------------------------------- running
+
+def fresh_copy(dst):
+    """The files a clone would hold (tracked, plus new ones git does not ignore)."""
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=REPO, capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listing.split("\0")):
+        if (REPO / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dst / name)
+    return dst
+
+
+def rehearsal_env(hub_cache, urls):
+    env = dict(os.environ, TORCH_HOME=str(hub_cache), PYTHONPATH=str(SITE),
+               KD_REHEARSAL=json.dumps(urls), MPLBACKEND="Agg")
+    env["OMP_NUM_THREADS"] = "1"  # two commands share the two cores; more threads only wait
+    return env
+
+
+def run_line(line, cwd, env, extra=()):
+    """A line as a user pastes it (python -> this interpreter), plus the SHRINK flags."""
+    argv = shlex.split(line)
+    argv = [sys.executable, *argv[1:], *SHRINK[argv[1]], *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    print(f"{time.perf_counter() - start:6.1f} s  {line[:100]}")  # shown by pytest -s
+    return line, proc
+
+
+def failures_of(done):
+    return [f"$ {line}\n(exit {p.returncode})\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}"
+            for line, p in done if p.returncode != 0]
+
+
+def script_of(line):
+    return shlex.split(line)[1]
+
+
+# --------------------------------------------------------------------------- the test
+
+@pytest.mark.slow
+def test_every_line_of_train_and_test_txt_runs_as_written(hub_cache, download_server, tmp_path):
+    repo = fresh_copy(tmp_path / "repo")
+    env = rehearsal_env(hub_cache, download_server)
+    train, test = lab_lines("train.txt"), lab_lines("test.txt")
+    assert len(train) >= 5 and len(test) >= 5
+    of = lambda *scripts: [line for line in test if script_of(line) in scripts]
+    if not OPTIONAL_INSTALLED:  # compress.py's line needs requirements-optional.txt (CI has it)
+        test = [line for line in test if script_of(line) != "compress.py"]
+    run = lambda line, *extra: pool.submit(run_line, line, repo, env, extra)
+    # two commands at a time, each started as soon as what it reads exists
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = run(train[0])  # meets an empty ./data: downloads VOC
+        no_data = [run(line) for line in train if script_of(line) == "demo.py"]
+        no_data += [run(line) for line in of("benchmark.py")]
+        first.result()
+        trained = [run(line) for line in of("compress.py")]  # reads the first run's checkpoint
+        trained += [run(line) for line in train[1:] if script_of(line) != "demo.py"]
+        trained += [run(line) for line in of("test_teacher.py")]
+        trained.append(run(train[0], "--train-set", "trainaug", "--out", "trainaug"))  # + SBD
+        wait(trained)  # the evaluations score what these runs trained
+        scored = [run(line) for line in of("evaluate.py")]
+        done = [f.result() for f in [first, *no_data, *trained, *scored]]
+        done += [run(line).result() for line in of("report.py")]
+    failures = failures_of(done)
+    assert not failures, "\n\n".join(failures)
+
+    data = repo / "data"
+    assert (data / "VOCtrainval_11-May-2012.tar").is_file()  # came through the download
+    assert (data / "SBD" / "train_noval.txt").is_file() and (data / "SBD" / "img").is_dir()
+    trainaug = json.loads((repo / "outputs/trainaug/summary.json").read_text())
+    assert trainaug["args"]["train_set"] == "trainaug"
+    teacher = json.loads((repo / "outputs/teacher_eval.json").read_text())
+    assert teacher["params"] == 35_322_218 and teacher["weights"] == "default"
+    for line in train:
+        argv = shlex.split(line)
+        if "--out" in argv:
+            name = argv[argv.index("--out") + 1]
+            summary = json.loads((repo / "outputs" / name / "summary.json").read_text())
+            assert summary["args"]["pretrained_backbone"] is True  # from the hub cache
+            assert (repo / "models" / f"{name}_last.pth").is_file()
+    for line in test:
+        argv = shlex.split(line)
+        if "--json" in argv and (script_of(line) != "compress.py" or OPTIONAL_INSTALLED):
+            assert (repo / argv[argv.index("--json") + 1]).is_file(), line
+    assert "PASCAL VOC 2012 val (test.txt)" in (repo / "report" / "README.md").read_text()
