@@ -33,9 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import logits_of
+from engine import logits_of, percentile, time_interleaved
 from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
-from utils import count_params, device_name, resolve_device, run_cli, save_json, synchronize
+from utils import (amp_dtype, count_params, device_name, markdown_table, resolve_device, run_cli,
+                   save_json, synchronize)
 
 
 def get_args_parser():
@@ -74,32 +75,6 @@ def get_args_parser():
     parser.add_argument("--train-cost-json", default="outputs/benchmark_train_cost.json",
                         help="results JSON of --train-cost")
     return parser
-
-
-def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
-    """{name: [seconds per call]}: one call of each model per round, rounds repeated.
-
-    ``runs`` is one count for all, or {name: count}: a model with fewer runs sits out the
-    last rounds (the slow teacher), the others stay interleaved.
-    """
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                              enabled=amp_dtype is not None)
-    runs = runs if isinstance(runs, dict) else {name: runs for name in models}
-    times = {name: [] for name in models}
-    with torch.inference_mode(), autocast:
-        for name, model in models.items():
-            for _ in range(warmup):
-                logits_of(model(x))
-        for r in range(max(runs.values())):
-            for name, model in models.items():
-                if r >= runs[name]:
-                    continue
-                synchronize(device)
-                start = time.perf_counter()
-                logits_of(model(x))
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 class LiveTensorPeak(TorchDispatchMode):
@@ -171,22 +146,15 @@ def total_params(name, model):
     return count_params(model) + count_params(adapters)
 
 
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def markdown(rows, reference, batch=8):
-    lines = [f"| model | params (inference) | params (total) | GFLOPs | checkpoint MB | "
-             f"median ms | p90 ms | images/s at batch {batch} | peak MB | "
-             f"speed-up vs {reference} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['params_total']:,} | "
-                     f"{r['gflops']:.2f} | {r['checkpoint_mb']:.2f} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['throughput_ips']:.2f} | {r['peak_mem_mb']:.0f} | "
-                     f"{r['speedup']:.1f}x |")
-    return "\n".join(lines)
+    header = ["model", "params (inference)", "params (total)", "GFLOPs", "checkpoint MB",
+              "median ms", "p90 ms", f"images/s at batch {batch}", "peak MB",
+              f"speed-up vs {reference}"]
+    return markdown_table(header, [
+        [r["model"], f"{r['params']:,}", f"{r['params_total']:,}", f"{r['gflops']:.2f}",
+         f"{r['checkpoint_mb']:.2f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
+         f"{r['throughput_ips']:.2f}", f"{r['peak_mem_mb']:.0f}", f"{r['speedup']:.1f}x"]
+        for r in rows])
 
 
 def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="fcn_resnet50",
@@ -197,34 +165,35 @@ def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="
     logits and all taps), student forward and backward, optimizer step, the loss values read
     back. The two configurations run interleaved (step r of each, then r+1) after warm-up.
     """
-    from engine import train_one_epoch
+    from engine import Distiller, train_one_epoch
     from losses import DistillationCriterion
     from nets import FrozenTeacher
     from student_model import FeatureAdapters
 
     torch.manual_seed(0)
     teacher = FrozenTeacher(build_model(teacher_arch), teacher_arch, preact=True).to(device)
-    configs = {"hinton": {"alpha": 0.5},
-               "all_terms": {"alpha": 0.5, "beta": 1.0, "pixel": 100.0, "pair": 1.0,
-                             "at": 1000.0, "cwd": 3.0}}
+    configs = {"hinton": {"kd": 0.5},
+               "all_terms": {"kd": 0.5, "feat": 1.0, "pixel": 100.0, "pair": 1.0, "at": 1000.0,
+                             "cwd": 3.0}}
     setups = {}
     for name, weights in configs.items():
         torch.manual_seed(0)
         student = build_model(student_arch).to(device)
+        criterion = DistillationCriterion(weights)
         adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device) \
-            if weights.get("beta") else None
+            if "adapted" in criterion.needs() else None
         params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
-        setups[name] = (student, adapters, DistillationCriterion(**weights),
+        setups[name] = (Distiller(student, criterion, teacher, adapters), criterion,
                         torch.optim.AdamW(params, lr=1e-4))
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 21, (batch, size, size), device=device)
+    loop = argparse.Namespace(amp=False, progress=False, log_every=0)
     times = {name: [] for name in configs}
     for r in range(warmup + runs):
-        for name, (student, adapters, criterion, optimizer) in setups.items():
+        for name, (model, criterion, optimizer) in setups.items():
             synchronize(device)
             start = time.perf_counter()
-            train_one_epoch(student, criterion, optimizer, [(x, y)], device, 0, teacher,
-                            adapters, progress=False)
+            train_one_epoch(model, criterion, optimizer, [(x, y)], device, 0, loop)
             synchronize(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -273,11 +242,11 @@ def main(args):
     slow = {name for name, (flops, _) in measured.items() if flops > args.slow_gflops}
     runs = {name: args.slow_runs if name in slow else args.runs for name in models}
     batch_runs = {name: args.slow_batch_runs if name in slow else args.batch_runs for name in models}
-    amp_dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if args.amp else None
-    times = time_interleaved(models, x, device, runs, args.warmup, amp_dtype)
+    amp = amp_dtype(device, args.amp)
+    times = time_interleaved(models, x, device, runs, args.warmup, amp)
     xb = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=memory_format)
     # one warm-up call at the new batch size: buffers and kernels are chosen per shape
-    batch_times = time_interleaved(models, xb, device, batch_runs, 1, amp_dtype)
+    batch_times = time_interleaved(models, xb, device, batch_runs, 1, amp)
     reference = args.models[0]
     ref_median = statistics.median(times[reference])
     rows = []

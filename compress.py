@@ -37,11 +37,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from benchmark import percentile, time_interleaved
+from checkpoints import model_record
 from data import build_dataset, eval_loader, eval_transforms
-from engine import evaluate, logits_of
+from engine import evaluate, logits_of, percentile, time_interleaved
 from nets import model_from_checkpoint
-from utils import UserError, device_name, git_revision, run_cli, save_json, torch_save
+from utils import (UserError, device_name, git_revision, markdown_table, run_cli, save_json,
+                   torch_save)
 
 
 def get_args_parser():
@@ -180,10 +181,9 @@ def prune_model(model, sparsity, structured):
 
 
 def save_pruned(model, ckpt, path, info):
-    """A checkpoint in the repo schema (model + model_args), loadable by evaluate.py."""
-    torch_save({"model": model.state_dict(), "model_args": dict(ckpt["model_args"]),
-                "adapters": None, "epoch": ckpt.get("epoch"), "args": ckpt.get("args"),
-                "best_miou": None, "pruning": info}, path)
+    """A checkpoint in the repo's schema, loadable by evaluate.py."""
+    torch_save(model_record(model, epoch=ckpt.get("epoch"), args=ckpt.get("args"),
+                            pruning=info), path)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -245,6 +245,108 @@ def zipped_bytes(path):
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
+def int8_variant(model, args, x, out_dir, stem):
+    """PT2E int8, calibrated on training images, saved, and compiled unless --int8-eager."""
+    calib = build_dataset(args.data_root, "train", limit=args.calib_images,
+                          download=not args.no_download, transforms=eval_transforms())
+    images = [calib[i][0][None] for i in range(len(calib))]
+    qmodel = quantize_int8(model, images)
+    path = out_dir / f"{stem}_int8.pt2"
+    save_int8(qmodel, images[0], path)
+    how = "eager Q/DQ reference" if args.int8_eager else "inductor, freezing"
+    print(f"int8: {how}" + ("" if args.int8_eager else " (compiling: a minute or two)"))
+    runner = qmodel if args.int8_eager else compile_frozen(qmodel)
+    with torch.inference_mode():
+        runner(x)  # compile now, not inside the first timed call
+    return {"model": Frozen(runner), "path": path,
+            "note": f"PT2E static int8 (torchao X86InductorQuantizer), {len(images)} "
+                    f"calibration images, {how}"}
+
+
+def pruned_variants(model, ckpt, args, out_dir, stem):
+    """Unstructured and channel pruning at --sparsity, each saved as a repo checkpoint."""
+    variants = {}
+    for kind, structured in (("pruned_unstructured", False), ("pruned_channels", True)):
+        pruned, zero_fraction = prune_model(model, args.sparsity, structured)
+        path = out_dir / f"{stem}_{kind}_{args.sparsity:g}.pth"
+        info = {"method": "ln_structured (L2, output channels)" if structured
+                else "l1_unstructured", "sparsity": args.sparsity, "zero_fraction": zero_fraction}
+        save_pruned(pruned, ckpt, path, info)
+        variants[kind] = {"model": pruned, "path": path, "zero_fraction": zero_fraction,
+                          "note": f"{info['method']} at {args.sparsity:g}, no fine-tuning"}
+    return variants
+
+
+def onnx_variant(model, x, out_dir, stem):
+    path = out_dir / f"{stem}.onnx"
+    export_onnx(model, x, path)
+    onnx_model = OnnxModel(path, torch.get_num_threads())
+    with torch.inference_mode():  # one odd-sized input as well: the shapes are dynamic
+        checks = [x, torch.randn(1, 3, 333, 500)]
+        diff = max(float((onnx_model(c) - logits_of(model(c))).abs().max()) for c in checks)
+    print(f"ONNX vs PyTorch: max abs difference of the logits {diff:.2e}")
+    return {"model": onnx_model, "path": path, "max_abs_diff": diff,
+            "note": "onnxruntime CPUExecutionProvider, fp32"}
+
+
+def build_variants(model, ckpt, args, x, out_dir, stem):
+    """fp32 and every requested variant: {name: {'model', 'path', 'note', ...}}."""
+    fp32_path = out_dir / f"{stem}_fp32.pth"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), fp32_path)
+    variants = {"fp32": {"model": model, "path": fp32_path, "note": "the checkpoint's weights"}}
+    if "int8" not in args.skip:
+        variants["int8"] = int8_variant(model, args, x, out_dir, stem)
+    if args.compile_fp32:
+        runner = compile_frozen(copy.deepcopy(model))
+        with torch.inference_mode():
+            runner(x)
+        variants["fp32_compiled"] = {"model": Frozen(runner), "path": fp32_path,
+                                     "note": "fp32, inductor, freezing"}
+    if "prune" not in args.skip:
+        variants.update(pruned_variants(model, ckpt, args, out_dir, stem))
+    if "onnx" not in args.skip:
+        variants["onnx"] = onnx_variant(model, x, out_dir, stem)
+    return variants
+
+
+def time_variants(variants, x, device, args):
+    """{name: (its times, fp32's times in the same rounds)}: the PyTorch variants together,
+    then ONNX with fp32 again (module docstring: why apart)."""
+    groups = [[name for name in variants if name != "onnx"]]
+    if "onnx" in variants:
+        groups.append(["fp32", "onnx"])
+    rounds = {}
+    for group in groups:
+        print(f"timing {', '.join(group)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
+        got = time_interleaved({name: variants[name]["model"] for name in group}, x, device,
+                               args.runs, args.warmup)
+        for name in group:
+            rounds.setdefault(name, (got[name], got["fp32"]))
+    return rounds
+
+
+def score_variants(variants, rounds, loader, device, progress):
+    """One row per variant: size, latency, mIoU, and each against fp32."""
+    rows = []
+    for name, v in variants.items():
+        scores = evaluate(v["model"], loader, device, desc=name, progress=progress)
+        times, fp32_times = rounds[name]
+        row = {"variant": name, "note": v["note"], "file": str(v["path"]),
+               "fp32_median_ms_same_round": 1000 * statistics.median(fp32_times),
+               "size_bytes": file_bytes(v["path"]), "zlib_bytes": zipped_bytes(v["path"]),
+               "median_ms": 1000 * statistics.median(times),
+               "p90_ms": 1000 * percentile(times, 0.9), "miou": scores["miou"],
+               "pixel_accuracy": scores["pixel_accuracy"], "times_ms": [1000 * t for t in times],
+               **{k: v[k] for k in ("zero_fraction", "max_abs_diff") if k in v}}
+        rows.append(row)
+    for row in rows:  # against fp32 timed in the same interleaved rounds
+        row["speedup_vs_fp32"] = row["fp32_median_ms_same_round"] / row["median_ms"]
+        row["miou_change_points"] = 100 * (row["miou"] - rows[0]["miou"])
+        row["size_ratio"] = row["size_bytes"] / rows[0]["size_bytes"]
+    return rows
+
+
 def main(args):
     print(f"args: {vars(args)}")
     if args.threads:
@@ -256,90 +358,11 @@ def main(args):
     model, ckpt = model_from_checkpoint(args.model_path)
     model.eval()
     out_dir = Path(args.out_dir)
-    stem = Path(args.model_path).stem
     loader = eval_loader(args.data_root, args.limit, 0, not args.no_download)
     x = torch.randn(1, 3, args.size, args.size)
-
-    fp32_path = out_dir / f"{stem}_fp32.pth"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), fp32_path)
-    variants = {"fp32": {"model": model, "path": fp32_path, "note": "the checkpoint's weights"}}
-
-    if "int8" not in args.skip:
-        calib = build_dataset(args.data_root, "train", limit=args.calib_images,
-                              download=not args.no_download, transforms=eval_transforms())
-        images = [calib[i][0][None] for i in range(len(calib))]
-        qmodel = quantize_int8(model, images)
-        path = out_dir / f"{stem}_int8.pt2"
-        save_int8(qmodel, images[0], path)
-        how = "eager Q/DQ reference" if args.int8_eager else "inductor, freezing"
-        print(f"int8: {how}" + ("" if args.int8_eager else " (compiling: a minute or two)"))
-        runner = qmodel if args.int8_eager else compile_frozen(qmodel)
-        with torch.inference_mode():
-            runner(x)  # compile now, not inside the first timed call
-        variants["int8"] = {"model": Frozen(runner), "path": path,
-                            "note": f"PT2E static int8 (torchao X86InductorQuantizer), "
-                                    f"{len(images)} calibration images, {how}"}
-    if args.compile_fp32:
-        runner = compile_frozen(copy.deepcopy(model))
-        with torch.inference_mode():
-            runner(x)
-        variants["fp32_compiled"] = {"model": Frozen(runner), "path": fp32_path,
-                                     "note": "fp32, inductor, freezing"}
-    if "prune" not in args.skip:
-        for kind, structured in (("pruned_unstructured", False), ("pruned_channels", True)):
-            pruned, zero_fraction = prune_model(model, args.sparsity, structured)
-            path = out_dir / f"{stem}_{kind}_{args.sparsity:g}.pth"
-            info = {"method": "ln_structured (L2, output channels)" if structured
-                    else "l1_unstructured", "sparsity": args.sparsity,
-                    "zero_fraction": zero_fraction}
-            save_pruned(pruned, ckpt, path, info)
-            variants[kind] = {"model": pruned, "path": path, "zero_fraction": zero_fraction,
-                              "note": f"{info['method']} at {args.sparsity:g}, no fine-tuning"}
-    onnx_diff = None
-    if "onnx" not in args.skip:
-        path = out_dir / f"{stem}.onnx"
-        export_onnx(model, x, path)
-        onnx_model = OnnxModel(path, torch.get_num_threads())
-        with torch.inference_mode():  # one odd-sized input as well: the shapes are dynamic
-            checks = [x, torch.randn(1, 3, 333, 500)]
-            onnx_diff = max(float((onnx_model(c) - logits_of(model(c))).abs().max()) for c in checks)
-        print(f"ONNX vs PyTorch: max abs difference of the logits {onnx_diff:.2e}")
-        variants["onnx"] = {"model": onnx_model, "path": path, "max_abs_diff": onnx_diff,
-                            "note": "onnxruntime CPUExecutionProvider, fp32"}
-
-    # PyTorch variants together, then ONNX with fp32 again (module docstring: why apart)
-    groups = [[name for name in variants if name != "onnx"]]
-    if "onnx" in variants:
-        groups.append(["fp32", "onnx"])
-    rounds = {}  # name -> (its times, fp32's times in the same rounds)
-    for group in groups:
-        print(f"timing {', '.join(group)} at 1x3x{args.size}x{args.size} ({device_name(device)})")
-        got = time_interleaved({name: variants[name]["model"] for name in group}, x, device,
-                               args.runs, args.warmup)
-        for name in group:
-            rounds.setdefault(name, (got[name], got["fp32"]))
-
-    rows = []
-    for name, v in variants.items():
-        scores = evaluate(v["model"], loader, device, desc=name, progress=args.progress)
-        times, fp32_times = rounds[name]
-        median = statistics.median(times)
-        row = {"variant": name, "note": v["note"], "file": str(v["path"]),
-               "fp32_median_ms_same_round": 1000 * statistics.median(fp32_times),
-               "size_bytes": file_bytes(v["path"]), "zlib_bytes": zipped_bytes(v["path"]),
-               "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times, 0.9),
-               "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
-               "times_ms": [1000 * t for t in times]}
-        for key in ("zero_fraction", "max_abs_diff"):
-            if key in v:
-                row[key] = v[key]
-        rows.append(row)
-    base = rows[0]
-    for row in rows:  # against fp32 timed in the same interleaved rounds
-        row["speedup_vs_fp32"] = row["fp32_median_ms_same_round"] / row["median_ms"]
-        row["miou_change_points"] = 100 * (row["miou"] - base["miou"])
-        row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
+    variants = build_variants(model, ckpt, args, x, out_dir, Path(args.model_path).stem)
+    rows = score_variants(variants, time_variants(variants, x, device, args), loader, device,
+                          args.progress)
     table = markdown(rows)
     print(table)
     result = {"checkpoint": str(args.model_path), "arch": ckpt["model_args"]["arch"],
@@ -347,7 +370,8 @@ def main(args):
               "runs": args.runs, "threads": torch.get_num_threads(),
               "int8_runtime": "eager" if args.int8_eager else "inductor (freezing)",
               "data_root": str(args.data_root), "num_val_images": len(loader.dataset),
-              "sparsity": args.sparsity, "onnx_max_abs_diff": onnx_diff, "git": git_revision(),
+              "sparsity": args.sparsity, "onnx_max_abs_diff": variants.get("onnx", {}).get(
+                  "max_abs_diff"), "git": git_revision(),
               "quantization_api": "torch.export + torchao.quantization.pt2e (prepare_pt2e/"
                                   "convert_pt2e, X86InductorQuantizer)",
               "fine_tuning": "not run: train_kd.py has no flag to start from a pruned "
@@ -359,13 +383,12 @@ def main(args):
 
 
 def markdown(rows):
-    lines = ["| variant | size MB | median ms | p90 ms | speed-up vs fp32 | mIoU (%) | "
-             "change (points) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['size_bytes'] / 2 ** 20:.2f} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x | {100 * r['miou']:.2f} | "
-                     f"{r['miou_change_points']:+.2f} |")
-    return "\n".join(lines)
+    header = ["variant", "size MB", "median ms", "p90 ms", "speed-up vs fp32", "mIoU (%)",
+              "change (points)"]
+    return markdown_table(header, [
+        [r["variant"], f"{r['size_bytes'] / 2 ** 20:.2f}", f"{r['median_ms']:.1f}",
+         f"{r['p90_ms']:.1f}", f"{r['speedup_vs_fp32']:.2f}x", f"{100 * r['miou']:.2f}",
+         f"{r['miou_change_points']:+.2f}"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
 
 from utils import UserError, quiet_worker, reason
 
@@ -488,13 +489,14 @@ def write_synth_voc(root, n_train=200, n_val=50, size=128, seed=0, max_objects=3
     return voc
 
 
-def check_tree(root, splits=("train", "val")):
+def check_tree(root, splits=("train", "val"), progress=True):
     """Load every listed image and mask once; returns {split: number of pairs}."""
     counts = {}
     for split in splits:
-        ds = build_dataset(root, split, download=False, transforms=None)
-        ds.transforms = None
-        for i in range(len(ds)):
+        # evaluation transforms: the training crop check is about a training run, not the files
+        ds = build_dataset(root, split, download=False, transforms=eval_transforms())
+        ds.transforms = None  # read and check each pair, nothing more
+        for i in tqdm(range(len(ds)), desc=f"checking {split}", disable=not progress, leave=False):
             ds[i]
         counts[split] = len(ds)
     return counts

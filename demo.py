@@ -24,7 +24,7 @@ from pathlib import Path
 import evaluate
 import train_kd
 from data import write_synth_voc
-from utils import device_name, resolve_device, run_cli, save_json
+from utils import device_name, markdown_table, resolve_device, run_cli, save_json
 
 METHODS = (  # name, alpha, beta
     ("no_kd", 0.0, 0.0),
@@ -91,13 +91,11 @@ def train_argv(args, name, student, alpha, beta, epochs, teacher_weights=None):
     return argv
 
 
-def markdown_table(rows):
-    lines = ["| Knowledge distillation | mIoU (%) | # Parameters | Inference (ms/image) | FPS |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['miou']:.2f} | {r['params']:,} | "
-                     f"{r['ms_per_image']:.2f} | {r['fps']:.1f} |")
-    return "\n".join(lines)
+def results_table(rows):
+    return markdown_table(
+        ["Knowledge distillation", "mIoU (%)", "# Parameters", "Inference (ms/image)", "FPS"],
+        [[r["method"], f"{100 * r['miou']:.2f}", f"{r['params']:,}", f"{r['ms_per_image']:.2f}",
+          f"{r['fps']:.1f}"] for r in rows])
 
 
 def plot_comparison(rows, path):
@@ -155,7 +153,7 @@ def main(args):
                      "alpha": summary["alpha"], "beta": summary["beta"],
                      "checkpoint": summary["best_checkpoint"]})
 
-    table = markdown_table(rows)
+    table = results_table(rows)
     plot_path = Path(args.plot_dir) / f"{p}_comparison.png"
     plot_comparison(rows, plot_path)
     results = {"rows": rows, "device": str(device), "hardware": device_name(device),

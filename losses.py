@@ -24,18 +24,23 @@ with respect to the student, so both give the same gradients.  Our KD term also 
 the tau^2 factor of Hinton et al. (2015): the soft-target gradients scale as 1/tau^2, and
 multiplying by tau^2 keeps them on the scale of the hard-label ones when tau changes.
 
-Every loss is a small function; ``DistillationCriterion`` computes a dict of unweighted,
-named terms (``forward``), keeps the weights in one place (``weights``) and sums them in one
-place (``total``).  To add a term: compute it in ``forward`` under a new key and give that
-key a weight in ``weights``.
+Every loss is a small function.  ``TERMS`` is the one table of distillation terms: each
+row names its loss, what it reads, its weight flag with default and range, and its own
+parameters; train_kd.py's flags, the criterion's weights and inputs, and the logged keys all
+come from it.  ``DistillationCriterion`` computes a dict of unweighted, named terms
+(``forward``), keeps the weights in one place (``weights``) and sums them in one place
+(``total``).  To add a term: write its loss function and add a row to ``TERMS``.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE_INDEX
+from utils import ranged
 
 
 def _check_4d(name, x):
@@ -82,19 +87,18 @@ def _tempered_kl(student, teacher, tau, dim):
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=dim)
 
 
-def hinton_kd_loss(student_logits, teacher_logits, tau, mask=None):
+def hinton_kd_loss(student_logits, teacher_logits, tau):
     """Soft-target distillation loss of Hinton et al. (2015), "Distilling the Knowledge in a
     Neural Network": tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)).
 
-    The KL divergence is summed over classes at each pixel and averaged over the pixels
-    (N*H*W; or over the pixels where ``mask`` is True), so the value does not grow with the
-    image size.  Computed in float32 with autocast disabled, so it stays finite under
-    bf16/fp16 AMP even for large tau.  The teacher is a fixed target: its logits are detached.
-    If the teacher's logits have another spatial size than the student's, they are first
-    resized bilinearly (align_corners=False) to the student's size.
+    The KL divergence is summed over classes at each pixel and averaged over the N*H*W
+    pixels, so the value does not grow with the image size (a 4-D ``batchmean`` would).
+    Computed in float32 with autocast disabled, so it stays finite under bf16/fp16 AMP even
+    for large tau.  The teacher is a fixed target: its logits are detached.  If the
+    teacher's logits have another spatial size than the student's, they are first resized
+    bilinearly (align_corners=False) to the student's size.
 
-    student_logits, teacher_logits: (N, C, H, W) (teacher may have another H, W);
-    tau: temperature > 0; mask: optional bool (N, H, W) at the student's size.
+    student_logits, teacher_logits: (N, C, H, W) (teacher may have another H, W); tau > 0.
     """
     _check_4d("student_logits", student_logits)
     _check_4d("teacher_logits", teacher_logits)
@@ -102,20 +106,10 @@ def hinton_kd_loss(student_logits, teacher_logits, tau, mask=None):
         raise ValueError(f"student and teacher logits must have the same batch size and number "
                          f"of classes; got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_logits.shape)}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        # per-pixel KL over the classes, shape (N, H, W)
+        # per-pixel KL over the classes, shape (N, H, W), averaged over the pixels
         kl = _tempered_kl(student_logits, _align(teacher_logits, student_logits), tau, dim=1)
-        if mask is None:
-            kl = kl.mean()
-        else:
-            if mask.shape != kl.shape:
-                raise ValueError(f"mask must have shape (N, H, W) = {tuple(kl.shape)} (the "
-                                 f"student's size); got {tuple(mask.shape)}")
-            mask = mask.to(device=kl.device, dtype=torch.bool)
-            kl = (kl * mask).sum() / mask.sum().clamp_min(1)
-        return kl * (tau * tau)
+        return kl.mean() * (tau * tau)
 
 
 def cosine_feature_loss(student_feat, teacher_feat):
@@ -248,8 +242,6 @@ def cwd_loss(student_logits, teacher_logits, tau):
         raise ValueError(f"cwd_loss needs the same number of channels; got "
                          f"{student_logits.shape[1]} and {teacher_logits.shape[1]} (map the "
                          f"student's channels through an adapter first)")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         # per-channel KL over the H*W positions, shape (N, C)
         t = _align(teacher_logits, student_logits)
@@ -279,145 +271,164 @@ def kd_weight_scale(epoch, schedule="constant", warmup_epochs=0, step_epoch=1):
     raise ValueError(f"unknown KD schedule {schedule!r}; choose one of {', '.join(KD_SCHEDULES)}")
 
 
+class Outputs(NamedTuple):
+    """What one network produced for a batch: logits, raw taps by name, and (student only)
+    the taps mapped through the 1x1 adapters to the teacher's channels."""
+    logits: torch.Tensor
+    taps: Optional[dict] = None
+    adapted: Optional[dict] = None
+
+
+def _tap_term(loss, taps, source="taps"):
+    """A term computed on each of ``taps`` (student ``source`` vs teacher raw taps); it is
+    the mean over the taps, and each tap is logged on its own."""
+    return lambda s, t, p: {tap: loss(getattr(s, source)[tap], t.taps[tap]) for tap in taps}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line number: flag names, default, help, and its valid range (checked by the
+    parser, the one place): ``low`` <= value (< when ``open_low``) <= ``high``."""
+    flags: tuple
+    default: float
+    help: str
+    low: float = 0.0
+    high: float = math.inf
+    open_low: bool = False
+
+    @property
+    def dest(self):
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+    @property
+    def parse(self):
+        return ranged(float, self.low, self.high, self.open_low)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One distillation term: its loss, what it reads, its weight flag and its parameters.
+
+    ``loss(student, teacher, params)`` takes two ``Outputs`` and the parameters by dest name,
+    and returns a scalar, or {tap: scalar} (then the term is their mean). ``reads`` names the
+    inputs beyond the logits: 'taps' (raw taps of both), 'adapted' (the student's taps through
+    adapters), 'preact' (both networks' pre-activation tap, in ``taps``).
+    """
+    loss: Callable
+    reads: frozenset
+    weight: Option
+    params: tuple = ()
+
+
+ADAPTED_TAPS = ("low", "mid", "high")
+# The one table of distillation terms: adding a term is a loss function and a row here.
+# CE is not a row: it is the one rule "CE gets 1 - alpha" (DistillationCriterion.weights).
+TERMS = {
+    "kd": Term(lambda s, t, p: hinton_kd_loss(s.logits, t.logits, p["tau"]), frozenset(),
+               Option(("--alpha",), 0.0, "weight of the Hinton KD term; CE gets 1 - alpha "
+                      "(0 = no response KD)", high=1.0),
+               (Option(("--tau", "--temp"), 4.0, "softmax temperature of the KD term (--temp "
+                       "is an alias)", open_low=True),)),
+    "feat": Term(_tap_term(cosine_feature_loss, ADAPTED_TAPS, "adapted"), frozenset({"adapted"}),
+                 Option(("--beta",), 0.0, "weight of the cosine feature term, averaged over "
+                        "the low/mid/high taps")),
+    "pixel": Term(lambda s, t, p: pixelwise_preact_loss(s.taps["preact"], t.taps["preact"]),
+                  frozenset({"taps", "preact"}),
+                  Option(("--w-pixel",), 0.0, "weight of the pixel-wise pre-activation loss "
+                         "L_pi on the last layer before the classifier (seed paper: 100)")),
+    "pair": Term(lambda s, t, p: pairwise_similarity_loss(s.taps["high"], t.taps["high"]),
+                 frozenset({"taps"}),
+                 Option(("--w-pair",), 0.0, "weight of the pair-wise similarity loss L_pa on "
+                        "the encoder's 'high' tap, 3x3 nodes (seed paper: 1)")),
+    "at": Term(_tap_term(attention_transfer_loss, ("low", "mid", "high")), frozenset({"taps"}),
+               Option(("--w-at",), 0.0, "weight of attention transfer, averaged over the "
+                      "low/mid/high taps")),
+    "cwd": Term(lambda s, t, p: cwd_loss(s.logits, t.logits, p["cwd_tau"]), frozenset(),
+                Option(("--w-cwd",), 0.0, "weight of channel-wise distillation (CWD) on the "
+                       "logits"),
+                (Option(("--cwd-tau",), 4.0, "temperature of the CWD term", open_low=True),)),
+}
+
+
+def term_options():
+    """Every (weight and parameter) option of the table, in order: the train_kd.py flags."""
+    return [opt for term in TERMS.values() for opt in (term.weight, *term.params)]
+
+
+def add_term_flags(group):
+    """Add the table's flags to an argparse group (ranges checked as the flags are parsed)."""
+    for opt in term_options():
+        group.add_argument(*opt.flags, dest=opt.dest, type=opt.parse, default=opt.default,
+                           metavar="X", help=f"{opt.help} (default: {opt.default:g})")
+
+
 class DistillationCriterion(nn.Module):
-    """L = (1 - a) * CE + a * KD_tau + s * (beta * mean_taps(1 - cos) + w_pixel * L_pi
-           + w_pair * L_pa + w_at * AT + w_cwd * CWD),   a = s * alpha,  s = schedule factor.
+    """L = (1 - a) * CE + a * KD_tau + s * sum_{other terms} w_term * L_term,
+    a = s * alpha, s = the schedule factor of the epoch (``kd_weight_scale``).
 
-    ``forward`` returns a dict of UNWEIGHTED terms: 'ce' always; 'kd' when alpha > 0;
-    'feat' (mean over taps) when beta > 0, plus 'feat_<tap>' per tap for logging only;
-    'pixel', 'pair', 'at' (+ 'at_<tap>'), 'cwd' when their weight is > 0. A term is computed
-    whenever its base weight is > 0, also in epochs where the schedule sets its weight to 0
-    (it is then logged but not added). ``set_epoch`` applies the progressive schedule
-    (``kd_weight_scale``); ``weights()`` gives the effective weight of each summed term and
-    ``total(terms)`` the weighted sum. With every KD weight 0 no teacher input is needed.
-
-    Taps: 'kd' and 'cwd' use the logits; 'feat' the adapted student taps (``student_feats``,
-    taps ``COSINE_TAPS``); 'at' the raw taps ``AT_TAPS``, 'pair' the raw ``PAIR_TAP``
-    (encoder output) and 'pixel' the raw ``PIXEL_TAP`` (pre-ReLU last layer before the
-    classifier) of ``student_raw`` and ``teacher_feats``.
+    ``weights``: {term name of TERMS: base weight} ('kd' is alpha); ``params``: the terms'
+    parameters by dest name (tau, cwd_tau). ``forward(student, target, teacher)`` returns a
+    dict of UNWEIGHTED terms: 'ce' always, and every term whose base weight is > 0 (also
+    in epochs where the schedule sets its weight to 0: it is then logged but not added);
+    a term computed per tap also logs '<name>_<tap>'. ``weights()`` gives the effective
+    weight of every term and ``total(terms)`` the weighted sum. Ranges are checked where
+    the numbers enter, by the parser (``Option``).
     """
 
-    AT_TAPS = ("low", "mid", "high")
-    PAIR_TAP = "high"
-    PIXEL_TAP = "preact"
-
-    def __init__(self, alpha=0.0, beta=0.0, tau=4.0, pixel=0.0, pair=0.0, at=0.0, cwd=0.0,
-                 cwd_tau=4.0, pair_grid=3, schedule="constant", warmup_epochs=0, step_epoch=1):
+    def __init__(self, weights=None, params=None, schedule="constant", warmup_epochs=0,
+                 step_epoch=1):
         super().__init__()
-        alpha, beta, tau, cwd_tau = float(alpha), float(beta), float(tau), float(cwd_tau)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (weight of the KD term) must be in [0, 1], got {alpha}")
-        if not (beta >= 0.0 and math.isfinite(beta)):
-            raise ValueError(f"beta (weight of the feature term) must be a finite number >= 0, "
-                             f"got {beta}")
-        for name, value in (("tau", tau), ("cwd_tau", cwd_tau)):
-            if not (value > 0.0 and math.isfinite(value)):
-                raise ValueError(f"{name} (temperature) must be a finite number > 0, got {value}")
-        self.extra = {"pixel": float(pixel), "pair": float(pair), "at": float(at),
-                      "cwd": float(cwd)}
-        for name, value in self.extra.items():
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"weight of the {name} term must be a finite number >= 0, "
-                                 f"got {value}")
-        if schedule not in KD_SCHEDULES:
-            raise ValueError(f"unknown KD schedule {schedule!r}; choose one of "
-                             f"{', '.join(KD_SCHEDULES)}")
-        self.alpha, self.beta, self.tau, self.cwd_tau = alpha, beta, tau, cwd_tau
-        self.pair_grid = int(pair_grid)
+        self.base = {name: float((weights or {}).get(name, 0.0)) for name in TERMS}
+        unknown = set(weights or {}) - set(TERMS)
+        if unknown:
+            raise KeyError(f"unknown distillation terms {sorted(unknown)}; known: {sorted(TERMS)}")
+        self.params = {opt.dest: opt.default for name in TERMS for opt in TERMS[name].params}
+        self.params.update(params or {})
         self.schedule, self.warmup_epochs, self.step_epoch = schedule, warmup_epochs, step_epoch
         self.scale = 1.0  # schedule factor of the current epoch (set_epoch)
 
+    @classmethod
+    def from_args(cls, args):
+        """The criterion of a train_kd.py command line (flags from ``add_term_flags``)."""
+        return cls({name: getattr(args, term.weight.dest) for name, term in TERMS.items()},
+                   {opt.dest: getattr(args, opt.dest) for t in TERMS.values() for opt in t.params},
+                   args.kd_schedule, args.kd_warmup_epochs, args.kd_step_epoch)
+
     def extra_repr(self):
-        extra = "".join(f", {k}={v}" for k, v in self.extra.items() if v > 0)
-        return (f"alpha={self.alpha}, beta={self.beta}, tau={self.tau}{extra}, "
-                f"schedule={self.schedule}")
+        active = ", ".join(f"{k}={w}" for k, w in self.base.items() if w > 0)
+        return f"{active or 'no distillation'}, {self.params}, schedule={self.schedule}"
+
+    def active(self):
+        """The terms that are computed: base weight > 0."""
+        return [name for name, w in self.base.items() if w > 0]
+
+    def needs(self):
+        """What the active terms read beyond the logits (``Term.reads``); empty: no teacher
+        features, no adapters. With no active term no teacher is needed at all."""
+        return set().union(*(TERMS[name].reads for name in self.active()))
 
     def set_epoch(self, epoch):
         """Scale every distillation weight by the schedule's factor for ``epoch`` (1-based)."""
         self.scale = kd_weight_scale(epoch, self.schedule, self.warmup_epochs, self.step_epoch)
         return self.scale
 
-    def needs(self):
-        """What ``forward`` needs as inputs, from the base weights (the one place engine asks).
-
-        'teacher_logits', 'adapted' (adapted student taps), 'raw' (raw student taps),
-        'preact' (the raw taps must include the pre-activation map).
-        """
-        needs = set()
-        if self.alpha > 0 or self.extra["cwd"] > 0:
-            needs.add("teacher_logits")
-        if self.beta > 0:
-            needs.add("adapted")
-        if self.extra["pair"] > 0 or self.extra["at"] > 0 or self.extra["pixel"] > 0:
-            needs.add("raw")
-        if self.extra["pixel"] > 0:
-            needs.add("preact")
-        return needs
-
     def weights(self):
-        """Effective weight of each term that ``total`` sums; the one place weights are set.
+        """Effective weight of every term; the one place weights are set. Every distillation
+        weight is multiplied by the schedule factor, and CE gets 1 - the effective alpha."""
+        weights = {name: w * self.scale for name, w in self.base.items()}
+        return {"ce": 1.0 - weights["kd"], **weights}
 
-        Every distillation weight is multiplied by the schedule factor; CE gets 1 - the
-        effective alpha. The new terms appear only when their base weight is > 0.
-        """
-        alpha = self.alpha * self.scale
-        weights = {"ce": 1.0 - alpha, "kd": alpha, "feat": self.beta * self.scale}
-        weights.update({name: w * self.scale for name, w in self.extra.items() if w > 0})
-        return weights
-
-    def forward(self, student_logits, target, teacher_logits=None, student_feats=None,
-                teacher_feats=None, student_raw=None):
-        """Unweighted named loss terms (dict of scalar tensors); see the class docstring.
-
-        student_feats: dict tap name -> (N, C, H, W) of the student's taps already adapted to
-        the teacher's channels (for 'feat'); teacher_feats: the teacher's taps (raw; a
-        superset of the taps used); student_raw: the student's raw taps (for 'pixel',
-        'pair', 'at').
-        """
-        terms = {"ce": cross_entropy_loss(student_logits, target)}
-        if self.alpha > 0 or self.extra["cwd"] > 0:
-            if teacher_logits is None:
-                raise ValueError(f"alpha={self.alpha} or cwd={self.extra['cwd']} > 0 needs "
-                                 "teacher_logits")
-        if self.alpha > 0:
-            terms["kd"] = hinton_kd_loss(student_logits, teacher_logits, self.tau)
-        if self.beta > 0:
-            if not student_feats or not teacher_feats:
-                raise ValueError(f"beta={self.beta} > 0 needs non-empty student_feats and "
-                                 f"teacher_feats dicts")
-            missing = set(student_feats) - set(teacher_feats)
-            if missing:
-                raise ValueError(f"student_feats and teacher_feats must have the same taps; the "
-                                 f"teacher lacks {sorted(missing)} (has {sorted(teacher_feats)})")
-            per_tap = []
-            for name in student_feats:
-                term = cosine_feature_loss(student_feats[name], teacher_feats[name])
-                terms[f"feat_{name}"] = term
-                per_tap.append(term)
-            terms["feat"] = torch.stack(per_tap).mean()
-        raw_taps = {"pixel": (self.PIXEL_TAP,), "pair": (self.PAIR_TAP,), "at": self.AT_TAPS}
-        for name, taps in raw_taps.items():
-            if self.extra[name] > 0:
-                for tap in taps:
-                    if not student_raw or tap not in student_raw or not teacher_feats \
-                            or tap not in teacher_feats:
-                        raise ValueError(f"the {name} term needs the {tap!r} tap in both "
-                                         "student_raw and teacher_feats")
-        if self.extra["pixel"] > 0:
-            terms["pixel"] = pixelwise_preact_loss(student_raw[self.PIXEL_TAP],
-                                                   teacher_feats[self.PIXEL_TAP])
-        if self.extra["pair"] > 0:
-            terms["pair"] = pairwise_similarity_loss(student_raw[self.PAIR_TAP],
-                                                     teacher_feats[self.PAIR_TAP], self.pair_grid)
-        if self.extra["at"] > 0:
-            per_tap = []
-            for tap in self.AT_TAPS:
-                term = attention_transfer_loss(student_raw[tap], teacher_feats[tap])
-                terms[f"at_{tap}"] = term
-                per_tap.append(term)
-            terms["at"] = torch.stack(per_tap).mean()
-        if self.extra["cwd"] > 0:
-            terms["cwd"] = cwd_loss(student_logits, teacher_logits, self.cwd_tau)
+    def forward(self, student, target, teacher=None):
+        """Unweighted named loss terms (scalar tensors) from ``Outputs`` of both networks."""
+        terms = {"ce": cross_entropy_loss(student.logits, target)}
+        for name in self.active():
+            if teacher is None:
+                raise ValueError(f"the {name} term needs the teacher's outputs")
+            value = TERMS[name].loss(student, teacher, self.params)
+            if isinstance(value, dict):  # per tap: log each, add their mean
+                terms.update({f"{name}_{tap}": v for tap, v in value.items()})
+                value = torch.stack(list(value.values())).mean()
+            terms[name] = value
         return terms
 
     def total(self, terms):

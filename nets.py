@@ -17,7 +17,7 @@ from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_seg
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from utils import UserError, load_pretrained
+from utils import UserError, load_pretrained, reason
 
 STUDENT_ARCHS = ("lite", "lab")
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
@@ -80,9 +80,8 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise UserError(f"{path}: cannot read checkpoint ({reason}); the file is truncated or "
-                        "not a PyTorch file: re-save or re-download it") from None
+        raise UserError(f"{path}: cannot read checkpoint ({reason(exc, 120)}); the file is "
+                        "truncated or not a PyTorch file: re-save or re-download it") from None
 
 
 def split_checkpoint(obj):
@@ -128,9 +127,8 @@ def load_model(arch, weights, num_classes=21):
     try:
         return load_state(model, state, weights, arch)
     except RuntimeError as exc:  # same keys, other shapes (e.g. another class count)
-        reason = " ".join(str(exc).split())[:160]
         raise UserError(f"{weights}: weights do not fit {arch} with {num_classes} classes "
-                        f"({reason}); pass a checkpoint of the same architecture") from None
+                        f"({reason(exc)}); pass a checkpoint of the same architecture") from None
 
 
 def model_from_checkpoint(path):
@@ -144,7 +142,7 @@ def model_from_checkpoint(path):
     try:
         load_state(model, state, path, model_args["arch"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit {model_args} ({' '.join(str(exc).split())[:160]})") from None
+        raise UserError(f"{path}: weights do not fit {model_args} ({reason(exc)})") from None
     return model, ckpt
 
 

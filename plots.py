@@ -5,7 +5,6 @@ Plots are always redrawn from result files, so they can be regenerated without t
     python plots.py outputs/response_kd/history.jsonl --name response_kd
 """
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,12 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from checkpoints import read_history  # noqa: E402
 from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
-
-
-def read_history(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_history(history_path, plot_dir, name):

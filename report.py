@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import REPO_DIR, UserError, run_cli
+from utils import REPO_DIR, UserError, markdown_table, run_cli
 
 METHODS = (  # name, label in the lab's table
     ("teacher", "Teacher"),
@@ -31,8 +31,8 @@ METHODS = (  # name, label in the lab's table
     ("feature_kd", "Feature-based"),
     ("combined_kd", "Combined (response + feature)"),
 )
-MAIN_HEADER = ("| Knowledge distillation | mIoU (%) | # Parameters | Inference (ms/image) | FPS | "
-               "Training time (min) | Source |")
+MAIN_HEADER = ("Knowledge distillation", "mIoU (%)", "# Parameters", "Inference (ms/image)", "FPS",
+               "Training time (min)", "Source")
 
 
 def get_args_parser():
@@ -124,16 +124,14 @@ def fmt_minutes(seconds):
 
 
 def main_table(rows):
-    lines = [MAIN_HEADER, "|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
-        if r["result"] is None:
-            lines.append(f"| {r['label']} | not run | | | | | `{r['command']}` |")
-            continue
         e = r["result"]
-        lines.append(f"| {r['label']} | {fmt_miou(e['miou'])} | {fmt_params(e['params'])} | "
-                     f"{fmt_ms(e['ms_per_image'])} | {fmt_fps(e['fps'])} | "
-                     f"{fmt_minutes(r['train_seconds'])} | `{r['path']}` |")
-    return "\n".join(lines)
+        cells.append([r["label"], "not run", "", "", "", "", f"`{r['command']}`"] if e is None
+                     else [r["label"], fmt_miou(e["miou"]), fmt_params(e["params"]),
+                           fmt_ms(e["ms_per_image"]), fmt_fps(e["fps"]),
+                           fmt_minutes(r["train_seconds"]), f"`{r['path']}`"])
+    return markdown_table(MAIN_HEADER, cells)
 
 
 # --------------------------------------------------------------------------- figures
@@ -219,8 +217,8 @@ def replace_dir(new, old):
         os.replace(new, old)
 
 
-def write_report(outputs, plots, out, source):
-    """Write report/README.md and its figures into the (empty) folder ``out``."""
+def result_rows(outputs, source):
+    """One row per method (the lab's five, then any other evaluation): its result or None."""
     demo_results = read_json(outputs / "demo_results.json") if source == "demo" else None
     rows = []
     for method, label in list(METHODS) + [(m, m) for m in extra_methods(outputs, source)]:
@@ -229,23 +227,30 @@ def write_report(outputs, plots, out, source):
         rows.append({"method": method, "label": label, "result": read_json(path), "path": str(path),
                      "train_seconds": seconds, "train_seconds_from": seconds_from,
                      "command": command_for(method, source)})
+    return rows, demo_results
 
+
+def results_section(rows, demo_results, outputs, source):
+    where = ("PASCAL VOC 2012 val (test.txt)" if source == "voc"
+             else "offline demo on generated data (python demo.py)")
     doc = ["# Report", "",
            "Rebuilt by `python report.py` from the result files named in each table; every "
            "number below is read from those files.", "",
-           f"Source: **{'PASCAL VOC 2012 val (test.txt)' if source == 'voc' else 'offline demo on generated data (python demo.py)'}**. "
-           "Rule: the real-VOC evaluations when any exists, else the demo's.", "",
-           "## Results", "", main_table(rows), ""]
+           f"Source: **{where}**. Rule: the real-VOC evaluations when any exists, else the "
+           "demo's.", "", "## Results", "", main_table(rows), ""]
     if demo_results:
         doc += [f"Demo teacher: the `{demo_results.get('teacher_arch')}` network trained longer "
                 f"(`{outputs / 'demo_results.json'}`), not FCN-ResNet50; data: generated, "
                 + ", ".join(f"{k} {v}" for k, v in (demo_results.get("data") or {}).items())
                 + ".", ""]
-    doc += ["Inference: median model time per image at batch 1 on the evaluation images "
-            "(`engine.evaluate`); this is also the test time per image. Training time: "
-            "`train_seconds_total` of each run's summary.", ""]
+    return doc + ["Inference: median model time per image at batch 1 on the evaluation images "
+                  "(`engine.evaluate`); this is also the test time per image. Training time: "
+                  "`train_seconds_total` of each run's summary.", ""]
 
-    doc += ["## Training curves", ""]
+
+def figures_section(rows, outputs, plots, out, source):
+    """Training curves, the per-class chart and the gallery, copied into the report."""
+    doc = ["## Training curves", ""]
     for r in rows:
         if r["method"] == "teacher" and source == "voc":
             continue  # the pretrained teacher is not trained here
@@ -258,29 +263,28 @@ def write_report(outputs, plots, out, source):
             doc += [f"**{r['label']}**: not run (`{r['command']}` after training it)", ""]
     if source == "demo" and (plots / "demo_comparison.png").is_file():
         doc += [f"![demo comparison]({copy_into(plots / 'demo_comparison.png', out, 'plots')})", ""]
-
     doc += ["## Per-class IoU", ""]
     if any(r["result"] for r in rows):
         per_class_chart(rows, out / "per_class_iou.png")
         doc += ["![per-class IoU](per_class_iou.png)", ""]
     else:
         doc += ["not run: no evaluation exists yet", ""]
-
     doc += ["## Successes and failures", "",
             "Chosen by per-image mIoU (`evaluate.py --visualize`): the best images with objects "
             "and the worst ones; each title carries the image's mIoU.", ""]
-    shown = False
+    gallery = []
     for r in rows:
         files = overlay_files(r["result"], outputs) if r["result"] else []
         if files:
-            shown = True
-            doc += [f"**{r['label']}**", ""] + [
+            gallery += [f"**{r['label']}**", ""] + [
                 f"![{f.stem}]({copy_into(f, out, 'gallery/' + r['method'])})" for f in files] + [""]
-    if not shown:
-        doc += ["not run: add `--visualize` to an evaluate.py command of test.txt", ""]
+    return doc + (gallery or ["not run: add `--visualize` to an evaluate.py command of test.txt",
+                              ""])
 
-    benchmark = read_json(outputs / "benchmark.json")
-    doc += ["## Size and speed (benchmark.py)", ""]
+
+def speed_section(outputs, benchmark, compress_files):
+    """The benchmark, training-cost and compression tables, as their files hold them."""
+    doc = ["## Size and speed (benchmark.py)", ""]
     if benchmark:
         doc += [f"`{outputs / 'benchmark.json'}`: {benchmark['hardware']} ({benchmark['device']}), "
                 f"input {benchmark['size']}x{benchmark['size']}.", "", benchmark["table_markdown"], ""]
@@ -293,8 +297,6 @@ def write_report(outputs, plots, out, source):
                 f"{cost.get('hardware', '?')}), median ms per step: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in cost.get("median_ms", {}).items())
                 + "; " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + ".", ""]
-
-    compress_files = {path: read_json(path) for path in sorted(outputs.glob("compress*.json"))}
     doc += ["## Compression (compress.py)", ""]
     for path, compress in compress_files.items():  # compress.json, compress_compiled.json, ...
         onnx = compress.get("onnx_max_abs_diff")
@@ -305,13 +307,23 @@ def write_report(outputs, plots, out, source):
                 "", compress["table_markdown"], ""]
     if not compress_files:
         doc += ["not run: `python compress.py --model_path models/no_kd_best.pth`", ""]
+    return doc
 
-    doc += ["## Hardware", "", "| result | device | hardware |", "|---|---|---|"]
-    for name, data in [(r["path"], r["result"]) for r in rows] + [
-            (str(outputs / "benchmark.json"), benchmark)] + [(str(p), c) for p, c in compress_files.items()]:
-        if data:
-            doc.append(f"| `{name}` | {data.get('device', '?')} | {data.get('hardware', '?')} |")
-    doc.append("")
+
+def write_report(outputs, plots, out, source):
+    """Write report/README.md and its figures into the (empty) folder ``out``."""
+    rows, demo_results = result_rows(outputs, source)
+    benchmark = read_json(outputs / "benchmark.json")
+    compress_files = {path: read_json(path) for path in sorted(outputs.glob("compress*.json"))}
+    doc = (results_section(rows, demo_results, outputs, source)
+           + figures_section(rows, outputs, plots, out, source)
+           + speed_section(outputs, benchmark, compress_files))
+    sources = [(r["path"], r["result"]) for r in rows] + [
+        (str(outputs / "benchmark.json"), benchmark)] + list(compress_files.items())
+    doc += ["## Hardware", "", markdown_table(
+        ["result", "device", "hardware"],
+        [[f"`{name}`", data.get("device", "?"), data.get("hardware", "?")]
+         for name, data in sources if data]), ""]
     (out / "README.md").write_text("\n".join(doc))
     return {"source": source, "rows": rows}
 

@@ -3,7 +3,9 @@ interrupt requests and the process's place in a torchrun job.
 
 Nothing here knows about models or data; it sits at the bottom of the import graph.
 """
+import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -39,6 +41,21 @@ def one_line(exc):
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+def ranged(kind=float, low=-math.inf, high=math.inf, open_low=False):
+    """An argparse ``type=`` that also checks the range: ``low`` <= x (< x when ``open_low``)
+    <= ``high``, x finite. Every range is checked there, once, as the flag is parsed."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if open_low else value >= low)
+                and value <= high):
+            bounds = ("> " if open_low else ">= ") + f"{low:g}" if high == math.inf \
+                else f"{'(' if open_low else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use a number {bounds}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid float value" names it
+    return parse
 
 
 def reason(exc, limit=160):
@@ -138,6 +155,20 @@ def device_name(device):
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
+def amp_dtype(device, amp):
+    """The one mixed-precision rule: None without --amp; fp16 on CUDA and MPS (GPU tensor
+    cores), bf16 on a CPU (fp16 there is slow and overflows without loss scaling)."""
+    if not amp:
+        return None
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def markdown_table(header, rows):
+    """A Markdown table: ``header`` names the columns, each row is a list of cell strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -157,14 +188,14 @@ def git_revision():
     return out.stdout.strip() or None
 
 
-def atomic_write(path, write_fn, suffix=""):
+def atomic_write(path, write_fn):
     """Write a file through ``write_fn(tmp_path)`` then rename it over ``path``.
 
     A crash or a kill mid-write leaves the previous file intact, never a half-written one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write_fn(tmp)

@@ -1,4 +1,5 @@
 """Shared fixtures: small generated VOC-format trees, written once per test session."""
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -57,3 +58,17 @@ def hub_cache(tmp_path_factory):
     for weights, build in stand_ins:
         torch.save(build().state_dict(), checkpoints / weights.url.rsplit("/", 1)[-1])
     return home
+
+
+def train_flags(root, work, *extra):
+    """train_kd.py flags of a tiny offline CPU run writing under ``work``, then ``extra``
+    (argparse keeps the last value of a repeated flag, so ``extra`` may override)."""
+    return ["--data-root", str(root), "--epochs", "1", "--batch-size", "4", "--crop-size", "48",
+            "--limit-val", "2", "--workers", "0", "--device", "cpu", "--no-pretrained-backbone",
+            "--no-download", "--no-progress", "--model-dir", str(Path(work) / "models"),
+            "--output-dir", str(Path(work) / "outputs"), "--plot-dir", str(Path(work) / "plots"),
+            *extra]
+
+
+# engine.train_one_epoch's run settings for tests: fp32, no progress bar, no step logs
+QUIET_LOOP = argparse.Namespace(amp=False, progress=False, log_every=0)

@@ -16,16 +16,9 @@ from PIL import Image
 import data
 import evaluate
 import train_kd
-from conftest import split_ids, voc_dir
+from conftest import split_ids, train_flags, voc_dir
 from nets import build_model
 from utils import run_cli
-
-
-def train_flags(root, work, *extra):
-    return ["--data-root", str(root), "--epochs", "1", "--batch-size", "4", "--crop-size", "48",
-            "--limit-val", "2", "--workers", "0", "--device", "cpu", "--no-pretrained-backbone",
-            "--no-download", "--no-progress", "--model-dir", str(work / "models"),
-            "--output-dir", str(work / "outputs"), "--plot-dir", str(work / "plots"), *extra]
 
 
 @pytest.fixture(scope="module")

@@ -247,3 +247,15 @@ def test_voc_one_folder_too_deep_names_the_exact_move(synth_root, tmp_path):
     if data.os.name != "nt":  # the command, run as printed, puts VOC where it is read
         subprocess.run(command, shell=True, check=True)
         assert len(build_dataset(root, "val", download=False)) == len(split_ids(synth_root, "val"))
+
+
+def test_data_check_reads_a_generated_tree_and_names_a_broken_file(synth_copy, capsys):
+    """`python data.py check` on generated data (small images: no training-crop check)."""
+    args = data.get_args_parser().parse_args(["check", "--data-root", str(synth_copy)])
+    data.main(args)
+    assert capsys.readouterr().out.strip() == "train: 12 pairs, val: 6 pairs - all readable"
+    broken = voc_dir(synth_copy) / "SegmentationClass" / f"{split_ids(synth_copy, 'val')[2]}.png"
+    data.save_mask(np.full((40, 40), 37, np.uint8), broken)
+    with pytest.raises(UserError) as err:
+        data.main(args)
+    assert str(err.value).startswith(f"{broken}: ") and "\n" not in str(err.value)

@@ -8,24 +8,22 @@ import pytest
 import torch
 
 import train_kd
-from conftest import REPO
+from conftest import REPO, train_flags
 from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
 from utils import Distributed, UserError
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_log_once_and_score_like_one_process(synth_root, tmp_path):
     # 5 val images over 2 processes: shares of 3 and 2; padding them to 3 and 3, as a
     # DistributedSampler does, would count one image twice and change the mIoU
     # batch 1 and a tiny lr: 24 BatchNorm updates per process leave a barely trained student
     # whose eval-mode answers spread over several classes (see the last assertion)
-    argv = ["--data-root", str(synth_root), "--epochs", "4", "--batch-size", "1", "--lr", "1e-6",
-            "--crop-size", "48", "--limit-val", "5", "--workers", "0", "--device", "cpu",
-            "--no-pretrained-backbone", "--no-download", "--no-progress", "--alpha", "0.5",
-            "--beta", "1", "--teacher", "lite", "--teacher-weights", "none", "--out", "ddp",
-            "--model-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "outputs"),
-            "--plot-dir", str(tmp_path / "plots")]
+    argv = train_flags(synth_root, tmp_path, "--epochs", "4", "--batch-size", "1", "--lr",
+                       "1e-6", "--limit-val", "5", "--alpha", "0.5", "--beta", "1", "--teacher",
+                       "lite", "--teacher-weights", "none", "--out", "ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(REPO / "train_kd.py"), *argv],
                           cwd=REPO, capture_output=True, text=True, timeout=600,

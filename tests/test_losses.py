@@ -1,5 +1,6 @@
 """Tests of losses.py: each loss against its formula written out independently (float64,
 explicit softmax / norms / loops), invariances, the batchmean pitfall, AMP, the criterion."""
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losses import (DistillationCriterion, cosine_feature_loss, cross_entropy_loss,  # noqa: E402
-                    hinton_kd_loss)
+from losses import (DistillationCriterion, Outputs, add_term_flags,  # noqa: E402
+                    cosine_feature_loss, cross_entropy_loss, hinton_kd_loss)
 
 IGNORE = 255
 
@@ -40,16 +41,14 @@ def ref_ce(logits, target):
     return total / count
 
 
-def ref_kd(student, teacher, tau, mask=None):
-    """tau^2 * mean over (masked) pixels of sum_c p_t * log(p_t / p_s), explicit loop."""
+def ref_kd(student, teacher, tau):
+    """tau^2 * mean over pixels of sum_c p_t * log(p_t / p_s), explicit loop."""
     s, t = student.detach().double(), teacher.detach().double()
     n, _, h, w = s.shape
     total, count = 0.0, 0
     for b in range(n):
         for i in range(h):
             for j in range(w):
-                if mask is not None and not bool(mask[b, i, j]):
-                    continue
                 es = torch.exp(s[b, :, i, j] / tau)
                 et = torch.exp(t[b, :, i, j] / tau)
                 p_s, p_t = es / es.sum(), et / et.sum()
@@ -132,20 +131,6 @@ def test_kd_does_not_grow_with_image_size():
         pytest.approx(small.item(), rel=1e-5)
 
 
-def test_kd_mask_averages_over_valid_pixels_only():
-    s = torch.randn(2, 4, 3, 5)
-    t = torch.randn(2, 4, 3, 5)
-    mask = torch.rand(2, 3, 5) < 0.5
-    mask[0, 0, 0] = True
-    got = hinton_kd_loss(s, t, 3.0, mask=mask)
-    assert got.item() == pytest.approx(ref_kd(s, t, 3.0, mask), rel=1e-4)
-    full = torch.ones(2, 3, 5, dtype=torch.bool)
-    assert hinton_kd_loss(s, t, 3.0, mask=full).item() == \
-        pytest.approx(hinton_kd_loss(s, t, 3.0).item(), rel=1e-6)
-    with pytest.raises(ValueError, match="mask"):
-        hinton_kd_loss(s, t, 3.0, mask=torch.ones(2, 6, 10, dtype=torch.bool))
-
-
 def test_kd_resizes_teacher_to_student_size():
     s = torch.randn(1, 4, 6, 8)
     t = torch.randn(1, 4, 3, 4)
@@ -181,8 +166,6 @@ def test_kd_is_float32_and_finite_under_bf16_autocast():
 
 def test_kd_rejects_bad_input():
     s = torch.randn(1, 3, 2, 2)
-    with pytest.raises(ValueError, match="tau"):
-        hinton_kd_loss(s, s, 0.0)
     with pytest.raises(ValueError, match="classes"):
         hinton_kd_loss(s, torch.randn(1, 4, 2, 2), 1.0)
 
@@ -236,24 +219,30 @@ def _feats(n=2):
     return sf, tf
 
 
+def _outputs(logits, teacher=None, sf=None, tf=None):
+    """The criterion's inputs: student Outputs (adapted taps ``sf``) and teacher Outputs."""
+    student = Outputs(logits, taps=None, adapted=sf)
+    return student, (Outputs(teacher, taps=tf) if teacher is not None or tf is not None else None)
+
+
 def test_criterion_plain_ce_needs_no_teacher():
     crit = DistillationCriterion()
     logits, target = _batch()
-    terms = crit(logits, target)
-    assert set(terms) == {"ce"}
+    terms = crit(Outputs(logits), target)
+    assert set(terms) == {"ce"} and crit.needs() == set() and crit.active() == []
     assert crit.total(terms).item() == pytest.approx(ref_ce(logits, target), rel=1e-5)
-    terms = crit(logits, target, teacher_logits=None, student_feats=None, teacher_feats=None)
-    assert set(terms) == {"ce"}
 
 
 def test_criterion_total_matches_hand_computation():
     alpha, beta, tau = 0.3, 0.5, 4.0
-    crit = DistillationCriterion(alpha=alpha, beta=beta, tau=tau)
-    assert crit.weights() == {"ce": 1 - alpha, "kd": alpha, "feat": beta}
+    crit = DistillationCriterion({"kd": alpha, "feat": beta}, {"tau": tau})
+    assert crit.weights() == {"ce": 1 - alpha, "kd": alpha, "feat": beta, "pixel": 0.0,
+                              "pair": 0.0, "at": 0.0, "cwd": 0.0}
     logits, target = _batch()
     teacher = torch.randn(2, 5, 4, 4) * 2  # lower resolution than the student
     sf, tf = _feats()
-    terms = crit(logits, target, teacher_logits=teacher, student_feats=sf, teacher_feats=tf)
+    student, teacher_out = _outputs(logits, teacher, sf, tf)
+    terms = crit(student, target, teacher_out)
     assert set(terms) == {"ce", "kd", "feat", "feat_low", "feat_mid", "feat_high"}
 
     ce = ref_ce(logits, target)
@@ -272,12 +261,12 @@ def test_criterion_total_matches_hand_computation():
 
 
 def test_criterion_gradients_reach_student_not_teacher():
-    crit = DistillationCriterion(alpha=0.5, beta=1.0, tau=2.0)
+    crit = DistillationCriterion({"kd": 0.5, "feat": 1.0}, {"tau": 2.0})
     logits, target = _batch()
     teacher = torch.randn(2, 5, 8, 8)  # as produced under torch.no_grad()
     sf, tf = _feats()
-    total = crit.total(crit(logits, target, teacher, sf, tf))
-    total.backward()
+    student, t_out = _outputs(logits, teacher, sf, tf)
+    crit.total(crit(student, target, t_out)).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     for k in sf:
         assert sf[k].grad is not None and sf[k].grad.abs().sum() > 0
@@ -286,43 +275,57 @@ def test_criterion_gradients_reach_student_not_teacher():
 
 
 def test_criterion_detaches_teacher_even_if_it_requires_grad():
-    crit = DistillationCriterion(alpha=0.5, beta=1.0)
+    crit = DistillationCriterion({"kd": 0.5, "feat": 1.0})
     logits, target = _batch()
     teacher = torch.randn(2, 5, 8, 8, requires_grad=True)
     sf, tf = _feats()
     tf = {k: v.requires_grad_(True) for k, v in tf.items()}
-    crit.total(crit(logits, target, teacher, sf, tf)).backward()
+    student, teacher_out = _outputs(logits, teacher, sf, tf)
+    crit.total(crit(student, target, teacher_out)).backward()
     assert teacher.grad is None
     assert all(v.grad is None for v in tf.values())
     assert logits.grad is not None
 
 
 def test_criterion_alpha_one_uses_only_kd():
-    crit = DistillationCriterion(alpha=1.0, tau=1.0)
+    """At alpha = 1 CE gets weight 0: the total is exactly KD, on a batch whose CE is far
+    from 0 (a CE weight that is not 1 - alpha shows)."""
+    crit = DistillationCriterion({"kd": 1.0}, {"tau": 1.0})
     logits, target = _batch()
-    target[:] = IGNORE  # CE term would be 0 anyway; total must equal KD exactly
     teacher = torch.randn(2, 5, 8, 8)
-    terms = crit(logits, target, teacher)
-    assert set(terms) == {"ce", "kd"}
+    terms = crit(Outputs(logits), target, Outputs(teacher))
+    assert set(terms) == {"ce", "kd"} and terms["ce"].item() > 0.5
+    assert crit.weights()["ce"] == 0.0
     assert crit.total(terms).item() == pytest.approx(terms["kd"].item(), rel=1e-6)
+    half = DistillationCriterion({"kd": 0.25}, {"tau": 1.0})
+    assert half.total(terms).item() == pytest.approx(
+        0.75 * terms["ce"].item() + 0.25 * terms["kd"].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=-0.1), dict(alpha=1.5), dict(alpha=float("nan")),
-                                    dict(beta=-1.0), dict(tau=0.0), dict(tau=-2.0)])
-def test_criterion_invalid_hyperparameters_raise(kwargs):
-    with pytest.raises(ValueError):
-        DistillationCriterion(**kwargs)
+@pytest.mark.parametrize("flags", [["--alpha", "-0.1"], ["--alpha", "1.5"], ["--alpha", "nan"],
+                                   ["--beta", "-1"], ["--tau", "0"], ["--tau", "-2"],
+                                   ["--w-cwd", "-1"], ["--cwd-tau", "0"], ["--w-at", "inf"]])
+def test_out_of_range_flags_are_refused_by_the_parser(flags, capsys):
+    """Ranges are checked once, where the numbers enter: the table's flags (losses.TERMS)."""
+    parser = argparse.ArgumentParser()
+    add_term_flags(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(flags)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and "out of range" in err
 
 
 def test_criterion_missing_teacher_inputs_raise():
     logits, target = _batch()
-    with pytest.raises(ValueError, match="teacher_logits"):
-        DistillationCriterion(alpha=0.5)(logits, target)
+    with pytest.raises(ValueError, match="teacher"):
+        DistillationCriterion({"kd": 0.5})(Outputs(logits), target)
     sf, tf = _feats()
     del tf["high"]
-    with pytest.raises(ValueError, match="taps"):
-        DistillationCriterion(beta=1.0)(logits, target, student_feats=sf, teacher_feats=tf)
-    with pytest.raises(ValueError):
-        DistillationCriterion(beta=1.0)(logits, target)
+    with pytest.raises(KeyError, match="high"):
+        DistillationCriterion({"feat": 1.0})(Outputs(logits, adapted=sf), target,
+                                             Outputs(None, taps=tf))
     with pytest.raises(KeyError):
-        DistillationCriterion(alpha=0.5).total({"ce": torch.tensor(1.0)})
+        DistillationCriterion({"kd": 0.5}).total({"ce": torch.tensor(1.0)})
+    with pytest.raises(KeyError, match="unknown distillation terms"):
+        DistillationCriterion({"kdd": 0.5})

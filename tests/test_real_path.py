@@ -147,11 +147,15 @@ def script_of(line):
     return shlex.split(line)[1]
 
 
-# --------------------------------------------------------------------------- the test
+# --------------------------------------------------------------------------- the rehearsal
 
-@pytest.mark.slow
-def test_every_line_of_train_and_test_txt_runs_as_written(hub_cache, download_server, tmp_path):
-    repo = fresh_copy(tmp_path / "repo")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rehearsal(hub_cache, download_server, tmp_path_factory):
+    """Every line, run once for the module's tests: (fresh copy, the failures)."""
+    repo = fresh_copy(tmp_path_factory.mktemp("rehearsal") / "repo")
     env = rehearsal_env(hub_cache, download_server)
     train, test = lab_lines("train.txt"), lab_lines("test.txt")
     assert len(train) >= 5 and len(test) >= 5
@@ -173,25 +177,70 @@ def test_every_line_of_train_and_test_txt_runs_as_written(hub_cache, download_se
         scored = [run(line) for line in of("evaluate.py")]
         done = [f.result() for f in [first, *no_data, *trained, *scored]]
         done += [run(line).result() for line in of("report.py")]
-    failures = failures_of(done)
-    assert not failures, "\n\n".join(failures)
+    return repo, failures_of(done)
 
+
+def read(repo, path):
+    return json.loads((repo / path).read_text())
+
+
+def test_every_line_of_train_and_test_txt_runs_as_written(rehearsal):
+    repo, failures = rehearsal
+    assert not failures, "\n\n".join(failures)
     data = repo / "data"
     assert (data / "VOCtrainval_11-May-2012.tar").is_file()  # came through the download
     assert (data / "SBD" / "train_noval.txt").is_file() and (data / "SBD" / "img").is_dir()
-    trainaug = json.loads((repo / "outputs/trainaug/summary.json").read_text())
-    assert trainaug["args"]["train_set"] == "trainaug"
-    teacher = json.loads((repo / "outputs/teacher_eval.json").read_text())
+    assert read(repo, "outputs/trainaug/summary.json")["args"]["train_set"] == "trainaug"
+    teacher = read(repo, "outputs/teacher_eval.json")
     assert teacher["params"] == 35_322_218 and teacher["weights"] == "default"
-    for line in train:
+    for line in lab_lines("train.txt"):
         argv = shlex.split(line)
         if "--out" in argv:
             name = argv[argv.index("--out") + 1]
-            summary = json.loads((repo / "outputs" / name / "summary.json").read_text())
+            summary = read(repo, f"outputs/{name}/summary.json")
             assert summary["args"]["pretrained_backbone"] is True  # from the hub cache
             assert (repo / "models" / f"{name}_last.pth").is_file()
-    for line in test:
+    for line in lab_lines("test.txt"):
         argv = shlex.split(line)
         if "--json" in argv and (script_of(line) != "compress.py" or OPTIONAL_INSTALLED):
             assert (repo / argv[argv.index("--json") + 1]).is_file(), line
     assert "PASCAL VOC 2012 val (test.txt)" in (repo / "report" / "README.md").read_text()
+
+
+def test_the_demo_line_scores_every_method_with_evaluate(rehearsal):
+    repo, failures = rehearsal
+    results = read(repo, "outputs/demo_results.json")
+    assert [row["method"] for row in results["rows"]] == \
+        ["teacher", "no_kd", "response_kd", "feature_kd", "combined_kd"]
+    for row in results["rows"]:  # the table holds what evaluate.py wrote
+        evaluation = read(repo, f"outputs/demo/{row['method']}_eval.json")
+        assert row["miou"] == evaluation["miou"] and row["params"] == evaluation["params"]
+        assert {"ms_per_image", "fps"} <= set(row)
+    assert (repo / "plots/demo_comparison.png").is_file()
+    assert (repo / "plots/demo_combined_kd_loss.png").is_file()
+
+
+@pytest.mark.skipif(not OPTIONAL_INSTALLED, reason="compress.py needs requirements-optional.txt")
+def test_the_compress_line_writes_every_variant(rehearsal):
+    """int8 runs, pruning reaches its sparsity, ONNX matches PyTorch, files load alone."""
+    import torch
+
+    from nets import model_from_checkpoint
+    repo, failures = rehearsal
+    result = read(repo, "outputs/compress.json")
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "int8", "pruned_unstructured", "pruned_channels", "onnx"}
+    assert result["onnx_max_abs_diff"] <= 1e-4
+    assert rows["onnx"]["miou"] == pytest.approx(rows["fp32"]["miou"], abs=1e-6)
+    assert rows["pruned_unstructured"]["zero_fraction"] == pytest.approx(0.5, abs=0.02)
+    for row in rows.values():
+        assert row["size_bytes"] > 0 and row["median_ms"] > 0 and 0 <= row["miou"] <= 1
+    assert rows["int8"]["size_bytes"] < rows["fp32"]["size_bytes"]
+    # the saved int8 program runs on its own, at a size it was not calibrated on
+    program = torch.export.load(repo / rows["int8"]["file"]).module()
+    with torch.no_grad():
+        logits = program(torch.randn(1, 3, 72, 88))
+    assert logits.shape == (1, 21, 72, 88) and torch.isfinite(logits).all()
+    # a pruned checkpoint loads like any other
+    model, _ = model_from_checkpoint(repo / rows["pruned_channels"]["file"])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)

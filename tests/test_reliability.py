@@ -15,7 +15,7 @@ import torch
 
 import losses
 import train_kd
-from conftest import REPO
+from conftest import REPO, train_flags
 from data import write_synth_voc
 from utils import run_cli
 
@@ -31,12 +31,10 @@ def tree(tmp_path_factory):
 
 def flags(root, work, *extra):
     """A tiny distillation run: 2 epochs of 8 steps, one DataLoader worker, logs per step."""
-    return ["--data-root", str(root), "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
-            "--limit-val", "3", "--workers", "1", "--device", "cpu", "--no-pretrained-backbone",
-            "--no-download", "--no-progress", "--lr", "1e-3", "--log-every", "1", "--alpha",
-            "0.5", "--tau", "2", "--teacher", "lite", "--teacher-weights", "none", "--seed", "3",
-            "--out", "run", "--model-dir", str(work / "models"), "--output-dir",
-            str(work / "outputs"), "--plot-dir", str(work / "plots"), *extra]
+    return train_flags(root, work, "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
+                       "--limit-val", "3", "--workers", "1", "--lr", "1e-3", "--log-every", "1",
+                       "--alpha", "0.5", "--tau", "2", "--teacher", "lite", "--teacher-weights",
+                       "none", "--seed", "3", "--out", "run", *extra)
 
 
 def train_in_process(argv):
@@ -87,6 +85,7 @@ def reference(tree, tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_two_seeded_runs_write_bit_identical_checkpoints(tree, reference, tmp_path):
     train_in_process(flags(tree, tmp_path))
     assert_same_run(tmp_path, reference)
@@ -129,6 +128,7 @@ def signal_mid_epoch_two(proc, sig):
     return out, err
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_bit_identical(tree, reference, tmp_path,
                                                                         monkeypatch):
     proc = launch(tree, tmp_path)
@@ -145,6 +145,7 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_bit_identical(tree, re
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_loses_only_that_epoch(tree, reference, tmp_path):
     proc = launch(tree, tmp_path)
     signal_mid_epoch_two(proc, signal.SIGKILL)
@@ -155,6 +156,7 @@ def test_kill_9_mid_epoch_loses_only_that_epoch(tree, reference, tmp_path):
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_without_worker_processes(tree, tmp_path, monkeypatch):
     """Ctrl-C during the third step of epoch 1; with --workers 0 the augmentations draw from
     the main process's random state, which the partial record restores."""

@@ -1,6 +1,5 @@
 """test_teacher.py end to end on generated data, against an independent evaluation."""
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,9 +11,9 @@ from torchvision.models.segmentation import fcn_resnet50
 
 import data
 import test_teacher
-from conftest import REPO, split_ids, voc_dir
+from conftest import split_ids, voc_dir
 from nets import load_model
-from utils import UserError
+from utils import UserError, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,14 @@ def teacher_weights(tmp_path_factory):
     return path
 
 
-def run_script(*argv):
-    return subprocess.run([sys.executable, str(REPO / "test_teacher.py"), *argv],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+def run_script(monkeypatch, capsys, *argv):
+    """test_teacher.py's command line, run in this process as its __main__ does: (exit
+    status, stderr). The subprocess path of the same script is rehearsed in test_real_path."""
+    monkeypatch.setattr(sys, "argv", ["test_teacher.py", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # anything else (a traceback) fails the test
+        run_cli(test_teacher.main, test_teacher.get_args_parser())
+    return exit_.value.code, capsys.readouterr().err
 
 
 def independent_evaluation(root, weights, limit):
@@ -89,29 +93,29 @@ def test_teacher_script_matches_an_independent_evaluation(odd_tree, teacher_weig
             assert iou is None, name
 
 
-def test_truncated_jpeg_exits_with_one_line_naming_the_file(synth_copy):
+def test_truncated_jpeg_exits_with_one_line_naming_the_file(synth_copy, monkeypatch, capsys):
     name = split_ids(synth_copy, "val")[1]
     path = voc_dir(synth_copy) / "JPEGImages" / f"{name}.jpg"
     path.write_bytes(path.read_bytes()[:400])
-    proc = run_script("--data-root", str(synth_copy), "--weights", "none", "--limit", "3",
-                      "--device", "cpu", "--json", "", "--workers", "0")
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    code, stderr = run_script(monkeypatch, capsys, "--data-root", str(synth_copy), "--weights",
+                              "none", "--limit", "3", "--device", "cpu", "--json", "",
+                              "--workers", "0")
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{name}.jpg" in errors[0]
 
 
-def test_label_37_exits_with_one_line_naming_file_and_value(synth_copy):
+def test_label_37_exits_with_one_line_naming_file_and_value(synth_copy, monkeypatch, capsys):
     name = split_ids(synth_copy, "val")[0]
     mask_path = voc_dir(synth_copy) / "SegmentationClass" / f"{name}.png"
     mask = np.array(Image.open(mask_path))
     mask[3, 3] = 37
     data.save_mask(mask, mask_path)
-    proc = run_script("--data-root", str(synth_copy), "--weights", "none", "--limit", "2",
-                      "--device", "cpu", "--json", "", "--workers", "1")  # raised in a worker
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    code, stderr = run_script(monkeypatch, capsys, "--data-root", str(synth_copy), "--weights",
+                              "none", "--limit", "2", "--device", "cpu", "--json", "",
+                              "--workers", "1")  # raised in a worker
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{name}.png" in errors[0] and "label 37" in errors[0]
 
 
@@ -128,7 +132,7 @@ def test_weights_of_another_model_or_a_broken_file_are_refused(tmp_path, teacher
         load_model("fcn_resnet50", str(tmp_path / "missing.pth"))
 
 
-def test_unknown_device_is_a_clear_error(synth_root):
-    proc = run_script("--data-root", str(synth_root), "--weights", "none", "--device", "tpu")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "--device 'tpu' is unknown" in proc.stderr
+def test_unknown_device_is_a_clear_error(synth_root, monkeypatch, capsys):
+    code, stderr = run_script(monkeypatch, capsys, "--data-root", str(synth_root), "--weights",
+                              "none", "--device", "tpu")
+    assert code == 2 and "--device 'tpu' is unknown" in stderr
