@@ -35,13 +35,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine import logits_of, percentile, time_interleaved
 from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
-from utils import (amp_dtype, count_params, device_name, markdown_table, resolve_device, run_cli,
-                   save_json, synchronize)
+from utils import (HelpFormatter, amp_dtype, count_params, device_name, markdown_table,
+                   resolve_device, run_cli, save_json, synchronize)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+",
                         default=["fcn_resnet50", "lab", "lite", "lraspp_mobilenet_v3_large",
                                  "deeplabv3_mobilenet_v3_large"],

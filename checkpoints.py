@@ -157,10 +157,13 @@ def remove_stale_temporaries(name, model_dir, run_dir):
 # --------------------------------------------------------------------------- stopping
 
 def rng_state():
-    """The random state the training step draws from (CPU, and CUDA when present)."""
+    """The random state the training step draws from: CPU, and CUDA or MPS when present
+    (dropout on a GPU draws from the GPU's generator)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -168,6 +171,8 @@ def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def save_interrupted(exc, state, path, dist, seconds):

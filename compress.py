@@ -41,13 +41,13 @@ from checkpoints import model_record
 from data import build_dataset, eval_loader, eval_transforms
 from engine import evaluate, logits_of, percentile, time_interleaved
 from nets import model_from_checkpoint
-from utils import (UserError, device_name, git_revision, markdown_table, run_cli, save_json,
-                   torch_save)
+from utils import (HelpFormatter, UserError, device_name, git_revision, markdown_table,
+                   run_cli, save_json, torch_save)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # input and data
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
                         help="a student checkpoint written by train_kd.py (models/NAME_best.pth)")
@@ -145,6 +145,14 @@ def compile_frozen(model):
     inductor_config.freezing = True
     inductor_config.cpp_wrapper = True  # the graph's calls made from C++, not Python: ~15% less
     return torch.compile(model, dynamic=True)  # val images come in many sizes
+
+
+def load_int8(path):
+    """The int8 program ``save_int8`` wrote, as a module, in any process. Its quantize and
+    dequantize ops are torchao's: importing torchao registers them, and torch.export.load
+    cannot resolve the graph without them."""
+    importlib.import_module("torchao.quantization.pt2e")  # registers quantized_decomposed ops
+    return torch.export.load(str(path)).module()
 
 
 def save_int8(qmodel, example, path):

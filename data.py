@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from utils import UserError, quiet_worker, reason
+from utils import HelpFormatter, UserError, WorkerSafeLoader, quiet_worker, reason
 
 IGNORE_INDEX = 255  # "void" in VOC masks: object borders, padding; never a class
 NUM_CLASSES = 21
@@ -106,7 +106,17 @@ class SegmentationFiles(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """``key``: an index, or (seed, epoch, index) from ``EpochSampler``: then the random
+        transforms draw from a generator seeded by that triple alone, so a sample's
+        augmentation does not depend on the worker that loads it, nor on how many there are."""
+        if isinstance(key, tuple):
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream is untouched
+                torch.manual_seed(sample_seed(*key))
+                return self._load(key[2])
+        return self._load(key)
+
+    def _load(self, index):
         image = load_image(self.images[index])
         mask = load_mask(self.masks[index], self.num_classes)
         if image.shape[-2:] != mask.shape[-2:]:
@@ -116,6 +126,37 @@ class SegmentationFiles(Dataset):
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed for one sample of one epoch (numpy's SeedSequence mixes the three)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order of one epoch: a permutation seeded by (seed, epoch), each index
+    carried as (seed, epoch, index), so that the dataset seeds its augmentation per sample.
+
+    Persistent workers keep their own copy of the dataset; the epoch reaches them with every
+    index. Under torchrun each process takes every ``world_size``-th index of the same
+    permutation, cut to equal shares (as ``DistributedSampler(drop_last=True)``).
+    """
+
+    def __init__(self, length, seed=0, rank=0, world_size=1):
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.epoch = 0
+        self.total = length - length % world_size
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.length,
+                               generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return ((self.seed, self.epoch, int(i)) for i in order[self.rank:self.total:self.world_size])
+
+    def __len__(self):
+        return self.total // self.world_size
 
 
 # --------------------------------------------------------------------------- transforms
@@ -349,15 +390,29 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def eval_loader(root, limit=None, workers=0, download=True, split="val", rank=0, world_size=1):
+def eval_loader(root, limit=None, workers=0, download=True, split="val", rank=0, world_size=1,
+                pin_memory=False):
     """Full-resolution images one at a time (sizes differ, so no batching).
 
     In a torchrun job each process gets its own shard (``ShardSampler``); sum the results
-    with ``engine.evaluate(..., reduce=...)``.
+    with ``engine.evaluate(..., reduce=...)``. The workers persist across epochs (evaluation
+    draws nothing at random), so a run validating every epoch starts them once.
     """
     dataset = build_dataset(root, split, limit=limit, download=download, transforms=eval_transforms())
-    return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=workers, persistent_workers=False, worker_init_fn=quiet_worker)
+    return loader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world_size),
+                  workers=workers, pin_memory=pin_memory)
+
+
+def loader(dataset, batch_size, sampler, workers, pin_memory=False, drop_last=False):
+    """A DataLoader whose workers persist across epochs and leave Ctrl-C to the main
+    process (``WorkerSafeLoader``)."""
+    return WorkerSafeLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            num_workers=workers, persistent_workers=workers > 0,
+                            drop_last=drop_last, pin_memory=pin_memory,
+                            worker_init_fn=quiet_worker,
+                            # its own generator: the DataLoader draws a base seed from it for
+                            # every new iterator, never from the run's random stream
+                            generator=torch.Generator())
 
 
 # --------------------------------------------------------------------------- generator
@@ -504,9 +559,10 @@ def check_tree(root, splits=("train", "val"), progress=True):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write a small VOC-format tree of generated images")
+    p = sub.add_parser("synth", help="write a small VOC-format tree of generated images",
+                       formatter_class=HelpFormatter)
     p.add_argument("--root", required=True, help="directory that receives VOCdevkit/VOC2012")
     p.add_argument("--train", type=int, default=200, help="number of training images")
     p.add_argument("--val", type=int, default=50, help="number of validation images")
@@ -515,7 +571,8 @@ def get_args_parser():
     p.add_argument("--classes", type=int, default=NUM_CLASSES - 1,
                    help="object classes used, labels 1..N (fewer make a task that trains in minutes)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same tree")
-    c = sub.add_parser("check", help="load every image and mask of a VOC tree once and report problems")
+    c = sub.add_parser("check", help="load every image and mask of a VOC tree once and report "
+                       "problems", formatter_class=HelpFormatter)
     c.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
     return parser
 

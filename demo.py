@@ -24,7 +24,7 @@ from pathlib import Path
 import evaluate
 import train_kd
 from data import write_synth_voc
-from utils import device_name, markdown_table, resolve_device, run_cli, save_json
+from utils import HelpFormatter, device_name, markdown_table, resolve_device, run_cli, save_json
 
 METHODS = (  # name, alpha, beta
     ("no_kd", 0.0, 0.0),
@@ -36,7 +36,7 @@ METHODS = (  # name, alpha, beta
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("generated data")
     g.add_argument("--root", default="data/demo", help="where the generated VOC tree goes")
     g.add_argument("--train", type=int, default=160, help="generated training images")

@@ -7,6 +7,7 @@ times several models side by side (benchmark.py, compress.py). ``train_one_epoch
 ``Distiller`` (student, adapters, frozen teacher) against a ``losses.DistillationCriterion``,
 and can finish an epoch that a stop interrupted (checkpoints.py).
 """
+import contextlib
 import statistics
 import time
 
@@ -26,6 +27,19 @@ def logits_of(output):
     return output["out"] if isinstance(output, dict) else output
 
 
+@contextlib.contextmanager
+def no_cudnn_autotuning():
+    """cuDNN's benchmark mode off for the block: every full-size image has its own shape, and
+    autotuning each one would cost more than it gains (training crops keep it on)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@no_cudnn_autotuning()
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="eval",
              progress=True, reduce=None):

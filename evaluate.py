@@ -18,12 +18,12 @@ from data import NUM_CLASSES, eval_loader
 from engine import evaluate_and_report, logits_of
 from nets import model_from_checkpoint
 from plots import save_overlay
-from utils import UserError, count_params, resolve_device, run_cli, save_json
+from utils import HelpFormatter, UserError, count_params, resolve_device, run_cli, save_json
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
                         help="a checkpoint written by train_kd.py (models/NAME_best.pth)")
     parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")

@@ -16,6 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
 from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
+from utils import HelpFormatter  # noqa: E402
 
 
 def plot_history(history_path, plot_dir, name):
@@ -93,7 +94,7 @@ def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, a
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("history", help="a history.jsonl written by train_kd.py")
     parser.add_argument("--name", required=True, help="run name used in the file names")
     parser.add_argument("--plot-dir", default="plots", help="where the PNGs go")

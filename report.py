@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import REPO_DIR, UserError, markdown_table, run_cli
+from utils import REPO_DIR, HelpFormatter, UserError, markdown_table, run_cli
 
 METHODS = (  # name, label in the lab's table
     ("teacher", "Teacher"),
@@ -37,7 +37,7 @@ MAIN_HEADER = ("Knowledge distillation", "mIoU (%)", "# Parameters", "Inference 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--outputs", default="outputs", help="where the result JSONs are")
     parser.add_argument("--plots", default="plots", help="where train_kd.py drew its curves")
     parser.add_argument("--out", default="report", help="the report folder to (re)build")

@@ -14,12 +14,12 @@ import argparse
 from data import eval_loader
 from engine import evaluate_and_report
 from nets import TEACHER_ARCHS, load_model
-from utils import count_params, resolve_device, run_cli
+from utils import HelpFormatter, count_params, resolve_device, run_cli
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # model
     parser.add_argument("--arch", default="fcn_resnet50", choices=TEACHER_ARCHS,
                         help="torchvision segmentation model to evaluate")

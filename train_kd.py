@@ -31,28 +31,27 @@ from typing import Any, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
 from checkpoints import (Interrupted, check_resume_fits, checkpoint_state, exit_interrupted,
                          partial_for_this_process, read_history, remove_stale_temporaries,
                          resolve_resume, restore_training_state, save_interrupted, write_history)
-from data import build_dataset, eval_loader
+from data import EpochSampler, build_dataset, eval_loader, loader
 from engine import Distiller, NonFiniteLoss, evaluate, train_one_epoch
 from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
 from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher, build_student,
                   load_model, read_checkpoint)
 from plots import plot_history
 from student_model import FeatureAdapters
-from utils import (Distributed, StopRequest, UserError, count_params, device_name, git_revision,
-                   one_line, quiet_worker, ranged, reason, resolve_device, run_cli, save_json,
-                   seed_everything, torch_save)
+from utils import (Distributed, HelpFormatter, StopRequest, UserError, count_params, device_name,
+                   git_revision, grad_scaler, one_line, ranged, reason, resolve_device, run_cli,
+                   save_json, seed_everything, torch_save)
 
 POSITIVE_INT, POSITIVE = ranged(int, 1), ranged(float, 0, open_low=True)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("distillation (losses.TERMS)")
     add_term_flags(g)
     g.add_argument("--kd-schedule", default="constant", choices=KD_SCHEDULES,
@@ -114,7 +113,8 @@ def get_args_parser():
     g.add_argument("--workers", type=ranged(int, 0), default=2,
                    help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--amp", action="store_true",
-                   help="mixed precision (fp16 on CUDA with loss scaling and on MPS, bf16 on CPU)")
+                   help="mixed precision: fp16 with loss scaling on CUDA (and on MPS from torch "
+                        "2.8; bf16 before), bf16 on a CPU")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed (data order, crops, init); on a CPU, two runs with the same "
                         "seed and flags write bit-identical checkpoints (default: %(default)s)")
@@ -215,6 +215,10 @@ def start(args, dist):
     """Device, logging, the run's files, and the checkpoint to resume from (if any)."""
     if args.deterministic:
         set_deterministic()
+    else:
+        # fixed-size training crops: cuDNN picks its fastest kernels once per shape
+        # (engine.evaluate turns this off around full-size images, whose shapes all differ)
+        torch.backends.cudnn.benchmark = True
     device = dist.device or resolve_device(args.device)
     if args.sync_bn and dist.enabled and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); "
@@ -244,18 +248,17 @@ def build_loaders(run):
         share = f" ({len(train_set) // dist.world_size} per process)" if dist.enabled else ""
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(train_set)} images{share}); lower --batch-size")
+    cuda = run.device.type == "cuda"
     val = eval_loader(args.data_root, args.limit_val, args.workers, not args.no_download,
-                      rank=dist.rank, world_size=dist.world_size)
-    # torchrun: each process reads its own share of every epoch's permutation
-    sampler = DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True) if dist.enabled else None
-    generator = torch.Generator()
+                      rank=dist.rank, world_size=dist.world_size, pin_memory=cuda)
+    # every sample's augmentation is seeded by (seed, epoch, index): the same for any number
+    # of workers and any start method, so the workers can persist across epochs; under
+    # torchrun each process reads its own share of every epoch's permutation
+    sampler = EpochSampler(len(train_set), args.seed, dist.rank, dist.world_size)
     # drop_last: a final batch of one image would break BatchNorm's batch statistics
-    train = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None,
-                       sampler=sampler, num_workers=args.workers, drop_last=True,
-                       generator=generator, pin_memory=run.device.type == "cuda",
-                       worker_init_fn=quiet_worker)
-    run.loaders = {"train": train, "val": val, "sampler": sampler, "generator": generator}
+    train = loader(train_set, args.batch_size, sampler, args.workers, pin_memory=cuda,
+                   drop_last=True)
+    run.loaders = {"train": train, "val": val, "sampler": sampler}
 
 
 def build_models(run):
@@ -290,7 +293,7 @@ def build_models(run):
     params = list(student.parameters()) + (list(run.adapters.parameters()) if run.adapters else [])
     run.optimizer = build_optimizer(args, params)
     run.scheduler = build_scheduler(args, run.optimizer)
-    run.scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    run.scaler = grad_scaler(device, args.amp)
     run.log(f"student {args.student}: {count_params(student):,} inference parameters"
             + (f" (+{count_params(run.adapters):,} adapter parameters, training only)"
                if run.adapters else ""))
@@ -326,12 +329,10 @@ def state(run, epoch):
 def train_epoch(run, epoch, stop):
     """One epoch of training, seeded from the epoch alone; a stop saves and exits here."""
     args, dist, last = run.args, run.dist, run.paths["last"]
-    # reseeding per epoch makes a resumed run draw the same crops, flips and dropout
-    seed = args.seed + epoch + RANK_SEED_STRIDE * dist.rank
-    torch.manual_seed(seed)
-    run.loaders["generator"].manual_seed(seed)
-    if run.loaders["sampler"] is not None:
-        run.loaders["sampler"].set_epoch(epoch)
+    # reseeding per epoch makes a resumed run draw the same dropout (the crops and flips
+    # are seeded per sample: data.EpochSampler)
+    torch.manual_seed(args.seed + epoch + RANK_SEED_STRIDE * dist.rank)  # dropout
+    run.loaders["sampler"].set_epoch(epoch)
     run.criterion.set_epoch(epoch)  # progressive distillation: weights from the epoch alone
     partial = run.partial if run.partial is not None and run.partial["epoch"] == epoch else None
     tic = time.perf_counter() - (partial.get("seconds", 0.0) if partial else 0.0)

@@ -8,16 +8,19 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -41,6 +44,18 @@ def one_line(exc):
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that keeps the docstring's layout and names every flag's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
 
 def ranged(kind=float, low=-math.inf, high=math.inf, open_low=False):
@@ -97,6 +112,18 @@ def run_cli(main, parser):
         raise
 
 
+def nvidia_gpu_without_cuda_torch():
+    """True when an NVIDIA GPU answers (nvidia-smi) but this torch build has no CUDA: the
+    torch wheels pip brings on Windows are CPU-only, whatever the machine has."""
+    if torch.version.cuda is not None or shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
 def resolve_device(name):
     """Map ``auto|cuda|cuda:N|mps|cpu`` to a ``torch.device``, failing clearly if unavailable."""
     if name == "auto":
@@ -104,6 +131,11 @@ def resolve_device(name):
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
+        if nvidia_gpu_without_cuda_torch():
+            print(f"warning: this machine has an NVIDIA GPU, but torch {torch.__version__} is "
+                  "built without CUDA, so this runs on the CPU, many times slower; install the "
+                  "CUDA build of torch from PyTorch's install selector "
+                  "(https://pytorch.org/get-started/locally/)", file=sys.stderr)
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -155,12 +187,27 @@ def device_name(device):
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
+def mps_grad_scaler_supported():
+    """PyTorch scales fp16 losses on MPS from 2.8 on (GradScaler's MPS kernels); before, an
+    fp16 run there would train unscaled, so bf16 is used instead."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
+
+
 def amp_dtype(device, amp):
-    """The one mixed-precision rule: None without --amp; fp16 on CUDA and MPS (GPU tensor
-    cores), bf16 on a CPU (fp16 there is slow and overflows without loss scaling)."""
+    """The one mixed-precision rule, for training, evaluation and the benchmark: None
+    without --amp; fp16 on CUDA, and on MPS where this torch scales fp16 losses there (else
+    bf16); bf16 on a CPU (fp16 there is slow and overflows without loss scaling)."""
     if not amp:
         return None
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if device.type == "cpu" or (device.type == "mps" and not mps_grad_scaler_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def grad_scaler(device, amp):
+    """Loss scaling, on exactly when the forward runs in fp16 (``amp_dtype``)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def markdown_table(header, rows):
@@ -188,6 +235,9 @@ def git_revision():
     return out.stdout.strip() or None
 
 
+REPLACE_TRIES = 5
+
+
 def atomic_write(path, write_fn):
     """Write a file through ``write_fn(tmp_path)`` then rename it over ``path``.
 
@@ -199,10 +249,28 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
+        replace_with_retries(tmp, path)
+    except UserError:
+        raise  # the new content stays in tmp, which the message names
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def replace_with_retries(tmp, path):
+    """``os.replace``, tried again on PermissionError: on Windows a file that another program
+    holds open (OneDrive's sync, an antivirus, evaluate.py reading a checkpoint) cannot be
+    replaced for a moment. If it stays locked, one line names the file that keeps the data."""
+    for attempt in range(REPLACE_TRIES):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError as exc:
+            if attempt == REPLACE_TRIES - 1:
+                raise UserError(f"{path}: cannot be replaced, another program holds it open "
+                                f"({reason(exc, 80)}); the new content is kept in {tmp}: close "
+                                f"that program, then rename {tmp} to {path}") from None
+            time.sleep(0.1 * 2 ** attempt)  # 0.1 s, then 0.2, 0.4, 0.8
 
 
 def save_json(obj, path):
@@ -215,6 +283,13 @@ def torch_save(obj, path):
 
 # --------------------------------------------------------------------------- interrupts
 
+def stop_signals():
+    """SIGINT and SIGTERM, and SIGBREAK where it exists: Windows' console sends it for
+    Ctrl-Break and when its window is closed."""
+    return (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK")
+                                              else ())
+
+
 class StopRequest:
     """Turns SIGINT and SIGTERM into a request that the training loop honours between steps.
 
@@ -223,15 +298,13 @@ class StopRequest:
     aborts at once, as users expect when they press it twice.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, verbose=True):
         self.signum = None
         self.verbose = verbose
         self._previous = {}
 
     def __enter__(self):
-        for sig in self.SIGNALS:
+        for sig in stop_signals():
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -262,6 +335,31 @@ def quiet_worker(worker_id):
     (and multiprocessing at exit) ends its workers, so a worker must never ignore it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (WorkerSafeLoader)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class WorkerSafeLoader(DataLoader):
+    """A DataLoader whose worker processes a Ctrl-C cannot kill while they start.
+
+    A terminal's Ctrl-C reaches every process of the job. A worker still starting (under
+    spawn, the default on macOS and Windows, that takes seconds: it imports torch) would die
+    of it before ``quiet_worker`` ignores it, and the main process would then fail with
+    "DataLoader worker exited unexpectedly" instead of saving. So SIGINT is blocked in this
+    thread while the workers are created: they inherit the block, and ``quiet_worker``
+    ignores SIGINT before unblocking it. A Ctrl-C meanwhile stays pending, and reaches the
+    main process's handler as soon as the workers are launched. (POSIX; Windows has no
+    signal masks.)
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # --------------------------------------------------------------------------- torchrun
