@@ -223,10 +223,11 @@ def move_command(src, dst_parent):
 
 
 def check_not_nested(root, voc_dir):
-    """Refuse a VOC tree one folder too deep (Windows' "Extract all" adds the archive's name)
-    rather than download 2 GB again beside it."""
+    """Refuse a VOC tree one folder too deep (Windows' "Extract all" adds the archive's name,
+    VOCtrainval_11-May-2012) rather than download 2 GB again beside it. Only folders named
+    like VOC's own count: data/demo/ holds the demo's generated tree, which is no VOC."""
     for nested in sorted(Path(root).glob("*/VOCdevkit/VOC2012")):
-        if nested.is_dir() and nested != voc_dir:
+        if nested.parents[1].name.upper().startswith("VOC") and nested.is_dir():
             raise UserError(f"{nested}: PASCAL VOC 2012 is one folder too deep; the scripts read "
                             f"{voc_dir}: move it there with `{move_command(nested, voc_dir.parent)}`")
 

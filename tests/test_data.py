@@ -290,3 +290,13 @@ def test_epoch_sampler_carries_the_epoch_and_shards_one_permutation():
     seen = [i for shard in shards for *_, i in shard]
     assert all(len(shard) == 3 for shard in shards) and len(set(seen)) == 9  # 10 cut to 3 x 3
     assert set(seen) <= {i for *_, i in keys}
+
+
+def test_a_generated_tree_beside_the_data_root_is_not_taken_for_a_nested_voc(synth_root,
+                                                                             tmp_path):
+    """`python demo.py` leaves data/demo/VOCdevkit/VOC2012; the real runs in ./data must still
+    look for (and download) VOC, not call the demo's tree a misplaced VOC."""
+    root = tmp_path / "data"
+    data_shutil.copytree(voc_dir(synth_root), root / "demo" / "VOCdevkit" / "VOC2012")
+    with pytest.raises(UserError, match="downloading is off"):
+        build_dataset(root, "val", download=False)
