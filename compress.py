@@ -239,7 +239,8 @@ def check_optional_imports(skip):
                 missing.setdefault(step, []).append(module)
     if missing:
         names = ", ".join(m for ms in missing.values() for m in ms)
-        raise UserError(f"{names} not installed (needed by the {' and '.join(missing)} step); "
+        steps = f"{' and '.join(missing)} step{'s' if len(missing) > 1 else ''}"
+        raise UserError(f"{names} not installed (needed by the {steps}); "
                         "install them with `pip install -r requirements-optional.txt`, or leave "
                         f"the step out with --skip {' '.join(missing)}")
 
