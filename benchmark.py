@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine import logits_of, percentile, time_interleaved
 from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
-from utils import (HelpFormatter, amp_dtype, count_params, device_name, markdown_table,
-                   resolve_device, run_cli, save_json, synchronize)
+from utils import (HelpFormatter, amp_dtype, count_params, device_name, git_revision,
+                   markdown_table, resolve_device, run_cli, save_json, synchronize)
 
 
 def get_args_parser():
@@ -74,6 +74,13 @@ def get_args_parser():
     parser.add_argument("--train-batch", type=int, default=2, help="batch of --train-cost steps")
     parser.add_argument("--train-cost-json", default="outputs/benchmark_train_cost.json",
                         help="results JSON of --train-cost")
+    # training and evaluation throughput (instead of the inference benchmark)
+    parser.add_argument("--throughput", action="store_true",
+                        help="loader images/s per worker, training loop against a bare loop, "
+                             "evaluation against its model time, the epoch's fixed cost "
+                             "(throughput.py)")
+    parser.add_argument("--throughput-json", default="outputs/benchmark_throughput.json",
+                        help="results JSON of --throughput; its tables go next to it as .md")
     return parser
 
 
@@ -225,12 +232,64 @@ def train_cost_main(args, device):
     return result
 
 
+# the targets of the throughput issue, shown beside what was measured
+TARGETS = {"loader": 150, "loop_over_bare": 1.15, "eval": 1.2, "fixed": 0.10}
+
+
+def throughput_tables(r):
+    """The --throughput result as Markdown tables, each with its target."""
+    loader = markdown_table(
+        ["images", "workers", "images/s", "images/s per worker"],
+        [[name, w, f"{ips:.1f}", f"{ips / max(int(w), 1):.1f}"]
+         for name, rates in r["loader_ips"].items() for w, ips in rates.items()])
+    step = markdown_table(
+        ["training (demo settings)", "train_one_epoch images/s", "bare loop images/s",
+         "loop / bare", "step / no-KD step"],
+        [[name, f"{s['loop_ips']:.1f}", f"{s['bare_ips']:.1f}", f"{s['loop_over_bare']:.2f}x",
+          f"{s['kd_cost']:.2f}x"] for name, s in r["step"].items()])
+    evaluation = markdown_table(
+        ["evaluation", "wall time / model time"],
+        [[name, f"{v:.2f}x"] for name, v in r["eval_wall_over_model"].items()])
+    return "\n\n".join([
+        f"Loader (target: {TARGETS['loader']} VOC-size images/s per worker)", loader,
+        f"Training loop (target: at most {TARGETS['loop_over_bare']}x the bare loop)", step,
+        f"Evaluation (target: at most {TARGETS['eval']}x its model time at VOC size)", evaluation,
+        f"Epoch fixed cost (validation, checkpoint, history; target under "
+        f"{100 * TARGETS['fixed']:.0f}% of a demo epoch): {100 * r['epoch_fixed_share']:.1f}%"])
+
+
+def throughput_main(args, device):
+    """--throughput: measure (throughput.measure), print and save the JSON and its tables."""
+    import throughput
+    print(f"device: {device} ({device_name(device)}), {torch.get_num_threads()} threads")
+    result = throughput.measure(device)
+    tables = throughput_tables(result)
+    print(tables)
+    command = "python benchmark.py --throughput" + (f" --device {args.device}"
+                                                    if args.device != "cpu" else "")
+    result.update(device=str(device), hardware=device_name(device), command=command,
+                  threads=torch.get_num_threads(), targets=TARGETS, git=git_revision(),
+                  table_markdown=tables)
+    save_json(result, args.throughput_json)
+    md = os.path.splitext(args.throughput_json)[0] + ".md"
+    Path(md).write_text(f"`{command}` on {result['hardware']}\n\n{tables}\n")
+    print(f"results written to {args.throughput_json} and {md}")
+    return result
+
+
 def main(args):
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_cost:
         return train_cost_main(args, device)
+    if args.throughput:
+        return throughput_main(args, device)
+    return inference_main(args, device)
+
+
+def inference_main(args, device):
+    """Size and speed of each model (the module docstring), side by side."""
     print(f"device: {device} ({device_name(device)}), input 1x3x{args.size}x{args.size}")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(1, 3, args.size, args.size, device=device).to(memory_format=memory_format)

@@ -42,21 +42,23 @@ def no_cudnn_autotuning():
 @no_cudnn_autotuning()
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="eval",
-             progress=True, reduce=None):
+             progress=True, reduce=None, per_image=False):
     """Score ``model`` on ``loader`` (batches of full-size images, usually batch size 1).
 
     Returns a dict with mIoU, pixel accuracy, mean class accuracy, per-class IoU (a name ->
-    value dict, None where undefined), the confusion matrix, per-image mIoU and number of
-    ground-truth classes, and timing:
+    value dict, None where undefined), the confusion matrix, and with ``per_image`` each
+    image's mIoU and number of ground-truth classes (for overlays), and timing:
     ``ms_per_image`` is the median over batches of (model time / images in the batch),
-    after ``warmup`` untimed calls on the first batch; ``fps`` is its inverse.
+    after ``warmup`` untimed calls on the first batch; ``fps`` is its inverse;
+    ``model_seconds`` the model calls' total (against the wall time: what the rest costs).
+    The confusion matrix accumulates on ``device``, one bincount per batch.
     ``reduce(confmat)``, when given, returns the confusion matrix summed over the processes
     of a torchrun job, each of which scored its own shard of the images (the scores are
     then over the whole set; per-image lists and timings stay this process's).
     """
     model.eval()
-    confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    per_image, per_image_classes, times = [], [], []
+    confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    per_image_scores, times, model_seconds = [], [], 0.0
     index = 0
     dtype = amp_dtype(device, amp)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -70,17 +72,21 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
             start = time.perf_counter()
             logits = logits_of(model(images))
             synchronize(device)
-        times.append((time.perf_counter() - start) / images.shape[0])
+        elapsed = time.perf_counter() - start
+        times.append(elapsed / images.shape[0])
+        model_seconds += elapsed
         if logits.shape[-2:] != targets.shape[-2:]:
             raise RuntimeError(f"model returned {tuple(logits.shape[-2:])} logits for a "
                                f"{tuple(targets.shape[-2:])} image; evaluation needs full size")
-        preds = logits.argmax(1).cpu()
-        for pred, target in zip(preds, targets):
-            cm = confusion_matrix(pred, target, num_classes, IGNORE_INDEX)
-            confmat += cm
-            per_image.append(scores_from_confusion(cm)["miou"])
-            per_image_classes.append(int((cm.sum(1) > 0).sum()))
-            index += 1
+        preds, targets = logits.argmax(1), targets.to(device, non_blocking=True)
+        confmat += confusion_matrix(preds, targets, num_classes, IGNORE_INDEX)
+        index += images.shape[0]
+        if per_image:
+            for pred, target in zip(preds, targets):
+                cm = confusion_matrix(pred, target, num_classes, IGNORE_INDEX).cpu()
+                per_image_scores.append((scores_from_confusion(cm)["miou"],
+                                         int((cm.sum(1) > 0).sum())))
+    confmat = confmat.cpu()
     if reduce is not None:
         confmat = reduce(confmat)
         index = int(reduce(torch.tensor(index)))
@@ -95,9 +101,12 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         "num_images": index,
         "ms_per_image": ms,
         "fps": 1000 / ms if times else float("nan"),
-        "per_image_miou": nan_to_none(per_image),
-        "per_image_gt_classes": per_image_classes,  # classes in each image's ground truth
+        "model_seconds": model_seconds,
         "confusion_matrix": confmat.tolist(),
+        **({"per_image_miou": nan_to_none([m for m, _ in per_image_scores]),
+            # the classes in each image's ground truth (evaluate.py's gallery skips
+            # background-only images)
+            "per_image_gt_classes": [n for _, n in per_image_scores]} if per_image else {}),
     }
 
 
@@ -146,10 +155,10 @@ def format_results(results, title):
 
 
 def evaluate_and_report(model, loader, device, title, params, json_path=None, extra=None,
-                        amp=False):
+                        amp=False, per_image=False):
     """``evaluate`` plus what every evaluating script reports: print, and save the JSON."""
     model.to(device)
-    results = evaluate(model, loader, device, amp=amp, desc=title)
+    results = evaluate(model, loader, device, amp=amp, desc=title, per_image=per_image)
     results.update(params=params, device=str(device), hardware=device_name(device),
                    git=git_revision(), **(extra or {}))
     print(format_results(results, title))

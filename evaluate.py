@@ -89,8 +89,9 @@ def main(args):
     arch = ckpt["model_args"]["arch"]
     extra = {"model": arch, "checkpoint": str(args.model_path), "epoch": ckpt.get("epoch"),
              "data_root": str(args.data_root)}
+    # per-image scores only to pick the overlays: they cost a matrix and its scores per image
     results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
-                                  None, extra, amp=args.amp)
+                                  None, extra, amp=args.amp, per_image=args.visualize)
     if args.visualize:
         out_dir = Path(args.output_dir) / f"{stem}_overlays"
         results["overlays"] = write_overlays(model, loader.dataset, device, results,

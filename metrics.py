@@ -19,9 +19,11 @@ from data import IGNORE_INDEX
 
 
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
-    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction."""
-    return multiclass_confusion_matrix(pred.flatten(), target.flatten(), num_classes,
-                                       ignore_index=ignore_index).long()
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction,
+    on the tensors' device. One torchmetrics call (a bincount) for a whole batch; its
+    argument checks are off: the loader has checked every label (data.load_mask)."""
+    return multiclass_confusion_matrix(pred.flatten(), target.flatten().long(), num_classes,
+                                       ignore_index=ignore_index, validate_args=False).long()
 
 
 def scores_from_confusion(confmat):

@@ -42,7 +42,8 @@ def plot_history(history_path, plot_dir, name):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [100 * r["val_miou"] for r in records], marker="o")
+    validated = [r for r in records if r.get("val_miou") is not None]  # --val-every N
+    ax.plot([r["epoch"] for r in validated], [100 * r["val_miou"] for r in validated], marker="o")
     ax.set(xlabel="epoch", ylabel="val mIoU (%)", title=f"{name}: validation mIoU")
     ax.grid(alpha=0.3)
     miou_png = plot_dir / f"{name}_miou.png"

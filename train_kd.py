@@ -124,6 +124,9 @@ def get_args_parser():
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the whole global "
                         "batch (SyncBatchNorm), for small per-GPU batches")
+    g.add_argument("--val-every", type=POSITIVE_INT, default=1, metavar="N",
+                   help="validate after every N-th epoch and after the last; the checkpoint "
+                        "and history are written every epoch (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs only)")
     g.add_argument("--log-every", type=ranged(int, 0), default=0, metavar="N",
@@ -360,35 +363,47 @@ def train_epoch(run, epoch, stop):
     return losses, tic
 
 
+def validate(run, epoch):
+    """Whole-set validation scores, or None in an epoch that --val-every skips."""
+    if epoch % run.args.val_every and epoch != run.args.epochs:
+        return None
+    if run.dist.enabled:  # DDP let each process update its BatchNorm statistics on its share
+        run.dist.broadcast_buffers(run.student)
+    return evaluate(run.student, run.loaders["val"], run.device, warmup=0, desc="val",
+                    progress=run.args.progress, reduce=run.dist.sum)
+
+
 def validate_and_save(run, epoch, losses, tic):
-    """Validation, the learning-rate step, the history record, and the checkpoints."""
+    """Validation (when due), the learning-rate step, the history record, the checkpoints."""
     dist, train_seconds = run.dist, time.perf_counter() - tic
-    if dist.enabled:  # DDP let each process update its BatchNorm statistics on its share
-        dist.broadcast_buffers(run.student)
-    val = evaluate(run.student, run.loaders["val"], run.device, warmup=0, desc="val",
-                   progress=run.args.progress, reduce=dist.sum)
+    val = validate(run, epoch)
     lr = run.optimizer.param_groups[0]["lr"]
-    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        run.scheduler.step(val["miou"])
-    else:
+    if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step()
-    improved = val["miou"] > run.best_miou
-    run.best_miou = max(run.best_miou, val["miou"])
+    elif val is not None:  # plateau watches val mIoU
+        run.scheduler.step(val["miou"])
+    improved = val is not None and val["miou"] > run.best_miou
+    run.best_miou = max(run.best_miou, val["miou"]) if val is not None else run.best_miou
     if dist.is_main:
-        run.records.append({"epoch": epoch, "lr": lr, **losses, "val_miou": val["miou"],
-                            "val_pixel_accuracy": val["pixel_accuracy"],
+        run.records.append({"epoch": epoch, "lr": lr, **losses,
+                            "val_miou": val and val["miou"],
+                            "val_pixel_accuracy": val and val["pixel_accuracy"],
                             "train_seconds": train_seconds,
                             "epoch_seconds": time.perf_counter() - tic,
                             "weights": run.criterion.weights()})
         # history first: a kill before the checkpoint only repeats this epoch
         write_history(run.records, run.paths["history"])
-        save_json({"epoch": epoch, **{k: val[k] for k in VAL_KEYS}}, run.paths["run"] / "val_last.json")
+        if val is not None:
+            save_json({"epoch": epoch, **{k: val[k] for k in VAL_KEYS}},
+                      run.paths["run"] / "val_last.json")
         if improved:
             torch_save(state(run, epoch), run.paths["best"])
         torch_save(state(run, epoch), run.paths["last"])
     terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in losses.items())
-    run.log(f"epoch {epoch}/{run.args.epochs}: {terms} | val mIoU {100 * val['miou']:.2f} "
-            f"(best {100 * run.best_miou:.2f}) | lr {lr:.2e} | {time.perf_counter() - tic:.1f}s")
+    scores = (f"val mIoU {100 * val['miou']:.2f} (best {100 * run.best_miou:.2f})"
+              if val is not None else "not validated (--val-every)")
+    run.log(f"epoch {epoch}/{run.args.epochs}: {terms} | {scores} | lr {lr:.2e} | "
+            f"{time.perf_counter() - tic:.1f}s")
 
 
 def fit(run):

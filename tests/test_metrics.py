@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from data import IGNORE_INDEX
 from engine import evaluate
@@ -83,7 +84,8 @@ def test_evaluate_scores_the_whole_set_not_an_average_of_images():
     preds = [torch.randint(0, 4, t.shape, generator=g) for t in targets]
     loader = DataLoader(list(zip([torch.zeros(3, *t.shape) for t in targets], targets)), batch_size=1)
     # no warm-up calls, so the model hands out the predictions in order
-    results = evaluate(_FixedPredictor(preds), loader, torch.device("cpu"), warmup=0, progress=False)
+    results = evaluate(_FixedPredictor(preds), loader, torch.device("cpu"), warmup=0, progress=False,
+                       per_image=True)
     reference = MulticlassJaccardIndex(21, average="macro", ignore_index=IGNORE_INDEX)
     for p, t in zip(preds, targets):
         reference.update(p, t)
@@ -91,3 +93,32 @@ def test_evaluate_scores_the_whole_set_not_an_average_of_images():
     per_image_mean = sum(results["per_image_miou"]) / 2
     assert abs(per_image_mean - results["miou"]) > 1e-3  # the two rules really differ here
     assert results["num_images"] == 2 and results["ms_per_image"] > 0
+
+
+class _InputIsThePrediction(torch.nn.Module):
+    """Logits that predict the class written in channel 0 of each pixel."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].long(), 21).permute(0, 3, 1, 2).float()
+
+
+def test_batched_evaluation_counts_each_image_and_per_image_scores_come_on_request():
+    """One confusion matrix per batch (images of one size batch together): the same whole-set
+    matrix as torchmetrics over the images, and per-image lists only when asked for."""
+    g = torch.Generator().manual_seed(2)
+    targets = torch.randint(0, 5, (4, 6, 7), generator=g)
+    wrong = torch.randint(0, 5, (4, 6, 7), generator=g)
+    preds = torch.where(torch.rand(4, 6, 7, generator=g) < 0.7, targets, wrong)
+    targets[0, 0, :3] = IGNORE_INDEX
+    images = preds[:, None].repeat(1, 3, 1, 1).float()
+    loader = DataLoader(list(zip(images, targets)), batch_size=2)
+    plain = evaluate(_InputIsThePrediction(), loader, torch.device("cpu"), warmup=0, progress=False)
+    both = evaluate(_InputIsThePrediction(), loader, torch.device("cpu"), warmup=0, progress=False,
+                    per_image=True)
+    reference = torch.zeros(21, 21, dtype=torch.int64)
+    for p, t in zip(preds, targets):
+        reference += multiclass_confusion_matrix(p, t, 21, ignore_index=IGNORE_INDEX)
+    assert plain["confusion_matrix"] == reference.tolist() == both["confusion_matrix"]
+    assert plain["num_images"] == both["num_images"] == 4
+    assert "per_image_miou" not in plain and len(both["per_image_miou"]) == 4
+    assert 0 < plain["model_seconds"]

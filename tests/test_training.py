@@ -60,6 +60,18 @@ def test_plain_run_writes_history_checkpoints_plots_and_never_builds_a_teacher(
         train_kd.main(train_args(synth_root, tmp_path, "--out", "plain"))
 
 
+def test_val_every_skips_validation_but_always_scores_the_last_epoch(synth_root, tmp_path):
+    summary = train_kd.main(train_args(synth_root, tmp_path, "--out", "sparse", "--epochs", "3",
+                                       "--val-every", "2"))
+    records = [json.loads(x) for x in (tmp_path / "outputs/sparse/history.jsonl").read_text().splitlines()]
+    assert [r["val_miou"] is not None for r in records] == [False, True, True]  # 2, and the last
+    assert json.loads((tmp_path / "outputs/sparse/val_last.json").read_text())["epoch"] == 3
+    assert summary["final_miou"] == records[-1]["val_miou"]
+    assert summary["best_miou"] == max(records[1]["val_miou"], records[2]["val_miou"])
+    assert torch.load(tmp_path / "models/sparse_last.pth", weights_only=True)["epoch"] == 3
+    assert (tmp_path / "plots/sparse_miou.png").stat().st_size > 1000
+
+
 def test_distillation_run_logs_every_term_and_keeps_adapters_apart(
         synth_root, small_teacher, tmp_path):
     train_kd.main(train_args(synth_root, tmp_path, "--out", "kd", "--epochs", "1", "--alpha",
