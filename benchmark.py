@@ -172,10 +172,9 @@ def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="
     logits and all taps), student forward and backward, optimizer step, the loss values read
     back. The two configurations run interleaved (step r of each, then r+1) after warm-up.
     """
-    from engine import Distiller, train_one_epoch
-    from losses import DistillationCriterion
+    from engine import train_one_epoch
     from nets import FrozenTeacher
-    from student_model import FeatureAdapters
+    from throughput import QUIET, kd_setup
 
     torch.manual_seed(0)
     teacher = FrozenTeacher(build_model(teacher_arch), teacher_arch, preact=True).to(device)
@@ -184,23 +183,16 @@ def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="
                              "cwd": 3.0}}
     setups = {}
     for name, weights in configs.items():
-        torch.manual_seed(0)
-        student = build_model(student_arch).to(device)
-        criterion = DistillationCriterion(weights)
-        adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device) \
-            if "adapted" in criterion.needs() else None
-        params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
-        setups[name] = (Distiller(student, criterion, teacher, adapters), criterion,
-                        torch.optim.AdamW(params, lr=1e-4))
+        model, criterion, optimizer, _ = kd_setup(weights, teacher, student_arch, lr=1e-4)
+        setups[name] = (model.to(device), criterion, optimizer)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 21, (batch, size, size), device=device)
-    loop = argparse.Namespace(amp=False, progress=False, log_every=0)
     times = {name: [] for name in configs}
     for r in range(warmup + runs):
         for name, (model, criterion, optimizer) in setups.items():
             synchronize(device)
             start = time.perf_counter()
-            train_one_epoch(model, criterion, optimizer, [(x, y)], device, 0, loop)
+            train_one_epoch(model, criterion, optimizer, [(x, y)], device, 0, QUIET)
             synchronize(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)

@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
+from losses import term_options
 from utils import UserError, atomic_write, torch_save
 
-# flags that shape the training itself: resuming with other values gives another run
-TRAINING_FLAGS = ("student", "pretrained_backbone", "alpha", "beta", "tau", "w_pixel", "w_pair",
-                  "w_at", "w_cwd", "cwd_tau", "kd_schedule", "kd_warmup_epochs", "kd_step_epoch",
-                  "teacher", "teacher_weights", "epochs", "batch_size", "lr", "weight_decay",
-                  "optimizer", "scheduler", "crop_size", "scale_range", "train_set",
-                  "limit_train", "seed", "amp")
+# flags that shape the training itself: resuming with other values gives another run (the
+# distillation terms' weights and parameters come from their table, losses.TERMS)
+TRAINING_FLAGS = ("student", "pretrained_backbone", *(opt.dest for opt in term_options()),
+                  "kd_schedule", "kd_warmup_epochs", "kd_step_epoch", "teacher",
+                  "teacher_weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+                  "scheduler", "crop_size", "scale_range", "train_set", "limit_train", "seed",
+                  "amp")
 
 
 class Interrupted(Exception):

@@ -198,9 +198,9 @@ class Distiller(nn.Module):
         return Outputs(logits, taps, adapted), teacher
 
 
-def train_step(model, criterion, optimizer, images, targets, scaler, amp):
-    """Forward, loss terms, and (unless the loss is non-finite) nothing else: the caller
-    decides, then calls ``step``. Returns (terms, total)."""
+def forward_loss(model, criterion, images, targets, amp):
+    """Forward and loss terms, nothing else: the caller checks the total, then calls
+    ``step``. Returns (terms, total)."""
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         student, teacher = model(images)
         terms = criterion(student, targets, teacher)
@@ -246,8 +246,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
             if i == start - 1:
                 set_rng_state(partial["rng"])
             continue
-        terms, total = train_step(model, criterion, optimizer, images.to(device, non_blocking=True),
-                                  targets.to(device, non_blocking=True), scaler, amp)
+        terms, total = forward_loss(model, criterion, images.to(device, non_blocking=True),
+                                    targets.to(device, non_blocking=True), amp)
         local_bad = not bool(torch.isfinite(total))
         bad, stop = check(local_bad) if check is not None else (local_bad, False)
         if bad:

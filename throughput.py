@@ -58,15 +58,16 @@ def loader_rate(root, setting, workers, batch=8):
     return count / (time.perf_counter() - start)
 
 
-def kd_setup(weights, teacher):
+def kd_setup(weights, teacher, student_arch="lite", lr=1e-3):
+    """(Distiller, criterion, AdamW, student) for the terms ``weights``, seeded alike."""
     torch.manual_seed(0)
-    student = build_model("lite")
+    student = build_model(student_arch)
     criterion = DistillationCriterion(weights)
     adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels) \
         if "adapted" in criterion.needs() else None
     params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
     return (Distiller(student, criterion, teacher, adapters), criterion,
-            torch.optim.AdamW(params, lr=1e-3), student)
+            torch.optim.AdamW(params, lr=lr), student)
 
 
 def bare_rate(student, optimizer, images, targets, steps):
