@@ -188,11 +188,14 @@ def save_interrupted(exc, state, path, dist, seconds):
     return record
 
 
-def exit_interrupted(stop, dist, last_path, where):
-    """After a stop request: say where the run stopped and how to finish it, then exit."""
+RERUN = "rerun the same command with --resume auto"
+
+
+def exit_interrupted(stop, dist, last_path, where, rerun=RERUN):
+    """After a stop request: say where the run stopped and how to finish it (``rerun``:
+    a sweep or the demo says its own command), then exit."""
     signum = stop.signum or signal.SIGTERM  # another process of the job may have received it
     if dist.is_main:
         print(f"stopped by {signal.Signals(signum).name} at {where}; {last_path} holds the run "
-              "so far. To finish it, rerun the same command with --resume auto", file=sys.stderr,
-              flush=True)
+              f"so far. To finish it, {rerun}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)

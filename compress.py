@@ -38,11 +38,11 @@ from torch import nn
 from torch.nn.utils import prune
 
 from checkpoints import model_record
-from data import build_dataset, eval_loader, eval_transforms
+from data import build_dataset, eval_loader, eval_transforms, to_model_input
 from engine import evaluate, logits_of, percentile, time_interleaved
 from nets import model_from_checkpoint
-from utils import (HelpFormatter, UserError, device_name, git_revision, markdown_table,
-                   run_cli, save_json, torch_save)
+from utils import (HelpFormatter, UserError, add_compute_flags, device_name, git_revision,
+                   markdown_table, run_cli, save_json, set_compute_resources, torch_save)
 
 
 def get_args_parser():
@@ -72,7 +72,7 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=520, help="square input side of the latency runs")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add_compute_flags(parser, device=None, workers=False)  # int8 and ONNX here run on a CPU
     # output
     parser.add_argument("--out-dir", default="models/compressed",
                         help="where the int8 program, pruned checkpoints and ONNX files go")
@@ -258,7 +258,7 @@ def int8_variant(model, args, x, out_dir, stem):
     """PT2E int8, calibrated on training images, saved, and compiled unless --int8-eager."""
     calib = build_dataset(args.data_root, "train", limit=args.calib_images,
                           download=not args.no_download, transforms=eval_transforms())
-    images = [calib[i][0][None] for i in range(len(calib))]
+    images = [to_model_input(calib[i][0][None]) for i in range(len(calib))]
     qmodel = quantize_int8(model, images)
     path = out_dir / f"{stem}_int8.pt2"
     save_int8(qmodel, images[0], path)
@@ -358,9 +358,8 @@ def score_variants(variants, rounds, loader, device, progress):
 
 def main(args):
     print(f"args: {vars(args)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
+    print(set_compute_resources(args, device))
     if not 0 <= args.sparsity < 1:
         raise UserError(f"--sparsity {args.sparsity}: give a fraction in [0, 1)")
     check_optional_imports(args.skip)  # before anything is written

@@ -24,7 +24,8 @@ from pathlib import Path
 import evaluate
 import train_kd
 from data import write_synth_voc
-from utils import HelpFormatter, device_name, markdown_table, resolve_device, run_cli, save_json
+from utils import (HelpFormatter, add_compute_flags, device_name, markdown_table, resolve_device,
+                   run_cli, save_json, set_compute_resources)
 
 METHODS = (  # name, alpha, beta
     ("no_kd", 0.0, 0.0),
@@ -58,9 +59,11 @@ def get_args_parser():
     g.add_argument("--beta", type=float, default=1.0, help="feature weight of the feature runs")
     g.add_argument("--tau", type=float, default=2.0, help="KD temperature (measured on this data at 8 epochs: 4 learns slowest)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
+    g.add_argument("--val-every", type=int, default=4, metavar="N",
+                   help="validate every N epochs and after the last (validation is a sixth of a "
+                        "demo epoch; docs/benchmark.md)")
     g = parser.add_argument_group("running and output")
-    g.add_argument("--device", default="cpu", help="auto, cuda, mps or cpu")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    add_compute_flags(g, device="cpu")
     g.add_argument("--prefix", default="demo", help="run names are PREFIX_teacher, PREFIX_no_kd, ...")
     g.add_argument("--model-dir", default="models", help="where checkpoints go")
     g.add_argument("--output-dir", default="outputs", help="where results go")
@@ -75,13 +78,19 @@ def run_script(module, argv):
     return module.main(module.get_args_parser().parse_args(argv))
 
 
+def compute_argv(args):
+    """One device, worker and thread count for every run, chosen once at the start, so that
+    the runs are comparable and a rerun computes the same bits."""
+    return ["--device", args.device, "--workers", str(args.workers), "--threads", str(args.threads)]
+
+
 def train_argv(args, name, student, alpha, beta, epochs, teacher_weights=None):
     argv = ["--data-root", args.root, "--out", name, "--student", student,
             "--alpha", str(alpha), "--beta", str(beta), "--tau", str(args.tau),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size),
             "--crop-size", str(args.crop_size), "--lr", str(args.lr), "--seed", str(args.seed),
-            "--scale-range", *map(str, args.scale_range),
-            "--device", args.device, "--workers", str(args.workers), "--no-pretrained-backbone",
+            "--scale-range", *map(str, args.scale_range), "--val-every", str(args.val_every),
+            *compute_argv(args), "--no-pretrained-backbone",
             "--no-download", "--overwrite", "--model-dir", args.model_dir,
             "--output-dir", args.output_dir, "--plot-dir", args.plot_dir]
     if teacher_weights:
@@ -118,6 +127,7 @@ def plot_comparison(rows, path):
 def main(args):
     start = time.perf_counter()
     device = resolve_device(args.device)
+    print(set_compute_resources(args, device))
     voc = Path(args.root) / "VOCdevkit" / "VOC2012"
     if not voc.is_dir():
         write_synth_voc(args.root, args.train, args.val, args.size, args.data_seed,
@@ -140,7 +150,7 @@ def main(args):
     rows = []
     for method, summary in summaries.items():
         argv = ["--model_path", summary["best_checkpoint"], "--data-root", args.root,
-                "--device", args.device, "--workers", str(args.workers), "--no-download",
+                *compute_argv(args), "--no-download",
                 "--output-dir", args.output_dir,
                 "--json", str(Path(args.output_dir) / p / f"{method}_eval.json")]
         if method in ("teacher", "combined_kd"):

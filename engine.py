@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoints import Interrupted, rng_state, set_rng_state
-from data import IGNORE_INDEX, VOC_CLASSES
+from data import IGNORE_INDEX, VOC_CLASSES, to_model_input
 from losses import Outputs
 from metrics import confusion_matrix, nan_to_none, scores_from_confusion
 from utils import amp_dtype, device_name, git_revision, save_json, synchronize
@@ -25,6 +25,12 @@ from utils import amp_dtype, device_name, git_revision, save_json, synchronize
 def logits_of(output):
     """torchvision's segmentation models return {'out': ..., 'aux': ...}; ours a tensor."""
     return output["out"] if isinstance(output, dict) else output
+
+
+def class_map(logits):
+    """Each pixel's class: the argmax over dimension 1. ``max(1).indices`` is the same (the
+    first maximum on ties), and 4x faster than ``argmax(1)`` on NCHW logits on a CPU."""
+    return logits.max(1).indices
 
 
 @contextlib.contextmanager
@@ -63,7 +69,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     dtype = amp_dtype(device, amp)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
+        images, targets = to_model_input(images, targets, device)
         with autocast:
             if not times:
                 for _ in range(warmup):
@@ -78,7 +84,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         if logits.shape[-2:] != targets.shape[-2:]:
             raise RuntimeError(f"model returned {tuple(logits.shape[-2:])} logits for a "
                                f"{tuple(targets.shape[-2:])} image; evaluation needs full size")
-        preds, targets = logits.argmax(1), targets.to(device, non_blocking=True)
+        preds = class_map(logits)
         confmat += confusion_matrix(preds, targets, num_classes, IGNORE_INDEX)
         index += images.shape[0]
         if per_image:
@@ -198,6 +204,16 @@ class Distiller(nn.Module):
         return Outputs(logits, taps, adapted), teacher
 
 
+def build_optimizer(name, params, lr, weight_decay, device):
+    """AdamW ('adam') or SGD with momentum 0.9, updating all tensors at once: fused kernels on
+    CUDA; on a CPU the foreach form, which computes the same bits as the per-tensor loop in
+    0.6x its time (fused would change them; docs/benchmark.md)."""
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+
+
 def forward_loss(model, criterion, images, targets, amp):
     """Forward and loss terms, nothing else: the caller checks the total, then calls
     ``step``. Returns (terms, total)."""
@@ -246,8 +262,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
             if i == start - 1:
                 set_rng_state(partial["rng"])
             continue
-        terms, total = forward_loss(model, criterion, images.to(device, non_blocking=True),
-                                    targets.to(device, non_blocking=True), amp)
+        terms, total = forward_loss(model, criterion, *to_model_input(images, targets, device),
+                                    amp)
         local_bad = not bool(torch.isfinite(total))
         bad, stop = check(local_bad) if check is not None else (local_bad, False)
         if bad:

@@ -10,15 +10,14 @@ by the same loop, metric and timing as test_teacher.py.
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from data import NUM_CLASSES, eval_loader
-from engine import evaluate_and_report, logits_of
+from data import NUM_CLASSES, eval_loader, to_model_input
+from engine import class_map, evaluate_and_report, logits_of
 from nets import model_from_checkpoint
 from plots import save_overlay
-from utils import HelpFormatter, UserError, count_params, resolve_device, run_cli, save_json
+from utils import (HelpFormatter, UserError, add_compute_flags, count_params, resolve_device, run_cli,
+                   save_json, set_compute_resources)
 
 
 def get_args_parser():
@@ -29,8 +28,10 @@ def get_args_parser():
     parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
     parser.add_argument("--no-download", action="store_true", help="never download VOC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--split", default="val",
+                        help="the split scored: VOC's val, or a split file of one's own "
+                             "(ImageSets/Segmentation/NAME.txt) (default: %(default)s)")
+    add_compute_flags(parser)
     parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
     parser.add_argument("--json", default=None,
                         help="results JSON (default outputs/<checkpoint name>_eval.json)")
@@ -64,8 +65,8 @@ def write_overlays(model, dataset, device, results, count, out_dir, title):
     for kind, index in pick_gallery(results["per_image_miou"], results["per_image_gt_classes"],
                                     count):
         image, target = dataset[index]
-        pred = logits_of(model(image[None].to(device))).argmax(1)[0].cpu()
-        rgb = np.array(Image.open(dataset.images[index]).convert("RGB"))
+        pred = class_map(logits_of(model(to_model_input(image[None], device=device))))[0].cpu()
+        rgb = image.permute(1, 2, 0).numpy()  # the dataset's uint8 image, as decoded
         name = Path(dataset.images[index]).stem
         miou = results["per_image_miou"][index]
         path = Path(out_dir) / f"{kind}_{name}.png"
@@ -78,17 +79,20 @@ def write_overlays(model, dataset, device, results, count, out_dir, title):
 def main(args):
     print(f"args: {vars(args)}")
     device = resolve_device(args.device)
+    print(set_compute_resources(args, device))
     model, ckpt = model_from_checkpoint(args.model_path)
     classes = ckpt["model_args"].get("num_classes", NUM_CLASSES)
     if classes != NUM_CLASSES:
         raise UserError(f"{args.model_path}: the model predicts {classes} classes, but PASCAL "
                         f"VOC has {NUM_CLASSES}; pass a checkpoint trained on VOC")
-    loader = eval_loader(args.data_root, args.limit, args.workers, not args.no_download)
+    loader = eval_loader(args.data_root, args.limit, args.workers, not args.no_download,
+                         split=args.split)
     stem = Path(args.model_path).stem
     json_path = args.json or str(Path(args.output_dir) / f"{stem}_eval.json")
     arch = ckpt["model_args"]["arch"]
     extra = {"model": arch, "checkpoint": str(args.model_path), "epoch": ckpt.get("epoch"),
-             "data_root": str(args.data_root)}
+             "data_root": str(args.data_root), "split": args.split, "threads": args.threads,
+             "workers": args.workers}
     # per-image scores only to pick the overlays: they cost a matrix and its scores per image
     results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
                                   None, extra, amp=args.amp, per_image=args.visualize)

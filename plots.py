@@ -53,6 +53,25 @@ def plot_history(history_path, plot_dir, name):
     return [loss_png, miou_png]
 
 
+def bar_chart(labels, means, errors, path, title, ylabel, grey=()):
+    """Bars with error bars and their values on top (sweep.py's settings, demo.py's methods);
+    the labels in ``grey`` are drawn grey (the teacher, the baseline)."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.2))
+    colors = ["#888888" if label in grey else "#4C72B0" for label in labels]
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color=colors)
+    for i, (m, e) in enumerate(zip(means, errors)):
+        ax.text(i, m + (e or 0), f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 5 else 0, ha="right"
+                  if len(labels) > 5 else "center", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def colorize(label):
     """(H, W) labels -> (H, W, 3) uint8 in the VOC palette (255 drawn in VOC's void colour)."""
     return voc_palette()[np.asarray(label, dtype=np.uint8)]

@@ -297,6 +297,7 @@ def speed_section(outputs, benchmark, compress_files):
                 f"{cost.get('hardware', '?')}), median ms per step: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in cost.get("median_ms", {}).items())
                 + "; " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + ".", ""]
+    doc += throughput_section(outputs)
     doc += ["## Compression (compress.py)", ""]
     for path, compress in compress_files.items():  # compress.json, compress_compiled.json, ...
         onnx = compress.get("onnx_max_abs_diff")
@@ -310,6 +311,17 @@ def speed_section(outputs, benchmark, compress_files):
     return doc
 
 
+def throughput_section(outputs):
+    """benchmark.py --throughput's tables: loader, training loop, evaluation, fixed cost."""
+    path = outputs / "benchmark_throughput.json"
+    result = read_json(path)
+    if not result:
+        return ["### Throughput", "", "not run: `python benchmark.py --throughput`", ""]
+    return ["### Throughput", "", f"`{path}`, written by `{result['command']}` on "
+            f"{result['hardware']} ({result['device']}, {result['threads']} threads).", "",
+            result["table_markdown"], ""]
+
+
 def write_report(outputs, plots, out, source):
     """Write report/README.md and its figures into the (empty) folder ``out``."""
     rows, demo_results = result_rows(outputs, source)
@@ -319,7 +331,9 @@ def write_report(outputs, plots, out, source):
            + figures_section(rows, outputs, plots, out, source)
            + speed_section(outputs, benchmark, compress_files))
     sources = [(r["path"], r["result"]) for r in rows] + [
-        (str(outputs / "benchmark.json"), benchmark)] + list(compress_files.items())
+        (str(outputs / "benchmark.json"), benchmark),
+        (str(outputs / "benchmark_throughput.json"), read_json(outputs / "benchmark_throughput.json")),
+    ] + list(compress_files.items())
     doc += ["## Hardware", "", markdown_table(
         ["result", "device", "hardware"],
         [[f"`{name}`", data.get("device", "?"), data.get("hardware", "?")]

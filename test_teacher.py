@@ -14,7 +14,8 @@ import argparse
 from data import eval_loader
 from engine import evaluate_and_report
 from nets import TEACHER_ARCHS, load_model
-from utils import HelpFormatter, count_params, resolve_device, run_cli
+from utils import (HelpFormatter, add_compute_flags, count_params, resolve_device, run_cli,
+                   set_compute_resources)
 
 
 def get_args_parser():
@@ -33,9 +34,8 @@ def get_args_parser():
                         help="never download VOC; fail with instructions when it is missing")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N val images (quick checks)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     # running and output
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    add_compute_flags(parser)
     parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
     parser.add_argument("--json", default="outputs/teacher_eval.json",
                         help="where to write the results as JSON")
@@ -45,9 +45,11 @@ def get_args_parser():
 def main(args):
     print(f"args: {vars(args)}")
     device = resolve_device(args.device)
+    print(set_compute_resources(args, device))
     loader = eval_loader(args.data_root, args.limit, args.workers, download=not args.no_download)
     model = load_model(args.arch, args.weights)
-    extra = {"model": args.arch, "weights": args.weights, "data_root": str(args.data_root)}
+    extra = {"model": args.arch, "weights": args.weights, "data_root": str(args.data_root),
+             "threads": args.threads, "workers": args.workers}
     evaluate_and_report(model, loader, device, f"teacher {args.arch}", count_params(model),
                         args.json, extra, amp=args.amp)
 

@@ -32,19 +32,21 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import (Interrupted, check_resume_fits, checkpoint_state, exit_interrupted,
-                         partial_for_this_process, read_history, remove_stale_temporaries,
-                         resolve_resume, restore_training_state, save_interrupted, write_history)
+from checkpoints import (RERUN, Interrupted, check_resume_fits, checkpoint_state,
+                         exit_interrupted, partial_for_this_process, read_history,
+                         remove_stale_temporaries, resolve_resume, restore_training_state,
+                         save_interrupted, write_history)
 from data import EpochSampler, build_dataset, eval_loader, loader
-from engine import Distiller, NonFiniteLoss, evaluate, train_one_epoch
+from engine import Distiller, NonFiniteLoss, build_optimizer, evaluate, train_one_epoch
 from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
 from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher, build_student,
                   load_model, read_checkpoint)
 from plots import plot_history
 from student_model import FeatureAdapters
-from utils import (Distributed, HelpFormatter, StopRequest, UserError, count_params, device_name,
-                   git_revision, grad_scaler, one_line, ranged, reason, resolve_device, run_cli,
-                   save_json, seed_everything, torch_save)
+from utils import (Distributed, HelpFormatter, StopRequest, UserError, add_compute_flags,
+                   count_params, device_name, git_revision, grad_scaler, one_line, ranged, reason,
+                   resolve_device, run_cli, save_json, seed_everything, set_compute_resources,
+                   torch_save)
 
 POSITIVE_INT, POSITIVE = ranged(int, 1), ranged(float, 0, open_low=True)
 
@@ -107,11 +109,12 @@ def get_args_parser():
                    help="use the first N train images (default: all)")
     g.add_argument("--limit-val", type=int, default=None,
                    help="use the first N val images (default: all)")
+    g.add_argument("--val-split", default="val",
+                   help="the split validated during training, on which NAME_best.pth is chosen: "
+                        "VOC's val, or a split file of one's own (the demo's 'select'), so that "
+                        "the set a table reports chooses nothing (default: %(default)s)")
     g = parser.add_argument_group("running")
-    g.add_argument("--device", default="auto",
-                   help="auto, cuda, cuda:N, mps or cpu (default: %(default)s)")
-    g.add_argument("--workers", type=ranged(int, 0), default=2,
-                   help="DataLoader worker processes (default: %(default)s)")
+    add_compute_flags(g)
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: fp16 with loss scaling on CUDA (and on MPS from torch "
                         "2.8; bf16 before), bf16 on a CPU")
@@ -173,6 +176,7 @@ class Run:
     scheduler: Any = None
     scaler: Any = None
     start_epoch: int = 0
+    rerun: str = RERUN  # how the stop message says to continue
     best_miou: float = -1.0
     partial: Optional[dict] = None
     records: list = field(default_factory=list)
@@ -187,12 +191,6 @@ def check_args(args):
             raise UserError(f"{term.weight.flags[0]} needs feature taps, and --student "
                             f"{args.student} has none; use --student lite or lab, or distil it "
                             "with the logit terms only (--alpha, --w-cwd)")
-
-
-def build_optimizer(args, params):
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def build_scheduler(args, optimizer):
@@ -229,15 +227,22 @@ def start(args, dist):
     log = print if dist.is_main else (lambda *a, **k: None)
     if not dist.is_main:  # one process prints
         args.progress, args.log_every = False, 0
-    log(f"args: {vars(args)}")
-    log(f"device: {device} ({device_name(device)}), git: {git_revision()}"
-        + (f", {dist.world_size} processes (torchrun)" if dist.enabled else ""))
     run_dir = Path(args.output_dir) / args.out
     paths = {"run": run_dir, "history": run_dir / "history.jsonl",
              "last": Path(args.model_dir) / f"{args.out}_last.pth",
              "best": Path(args.model_dir) / f"{args.out}_best.pth"}
     paths["resume"] = resolve_resume(args, paths["history"], paths["last"])
     resume = read_checkpoint(paths["resume"]) if paths["resume"] else None
+    saved = (resume.get("args") or {}).get("threads") if resume is not None else None
+    reuse = args.threads is None and saved is not None
+    if reuse:  # CPU results are bit-identical only at equal thread counts: keep the run's
+        args.threads = saved
+    resources = set_compute_resources(args, device)
+    log(f"args: {vars(args)}")
+    log(f"device: {device} ({device_name(device)}), git: {git_revision()}"
+        + (f", {dist.world_size} processes (torchrun)" if dist.enabled else ""))
+    log(resources.replace("--threads", "the resumed run's count; --threads overrides")
+        if reuse else resources)
     return Run(args, dist, device, paths, log, resume)
 
 
@@ -253,7 +258,8 @@ def build_loaders(run):
                         f"({len(train_set)} images{share}); lower --batch-size")
     cuda = run.device.type == "cuda"
     val = eval_loader(args.data_root, args.limit_val, args.workers, not args.no_download,
-                      rank=dist.rank, world_size=dist.world_size, pin_memory=cuda)
+                      split=args.val_split, rank=dist.rank, world_size=dist.world_size,
+                      pin_memory=cuda)
     # every sample's augmentation is seeded by (seed, epoch, index): the same for any number
     # of workers and any start method, so the workers can persist across epochs; under
     # torchrun each process reads its own share of every epoch's permutation
@@ -294,7 +300,7 @@ def build_models(run):
         if run.dist.enabled else (lambda m: m)
     run.model = Distiller(ddp(run.student), run.criterion, teacher, ddp(run.adapters))
     params = list(student.parameters()) + (list(run.adapters.parameters()) if run.adapters else [])
-    run.optimizer = build_optimizer(args, params)
+    run.optimizer = build_optimizer(args.optimizer, params, args.lr, args.weight_decay, run.device)
     run.scheduler = build_scheduler(args, run.optimizer)
     run.scaler = grad_scaler(device, args.amp)
     run.log(f"student {args.student}: {count_params(student):,} inference parameters"
@@ -353,7 +359,8 @@ def train_epoch(run, epoch, stop):
         record = save_interrupted(exc, state(run, epoch - 1), last, dist,
                                   time.perf_counter() - tic)
         exit_interrupted(stop, dist, last,
-                         f"epoch {epoch}, step {record['step']}/{len(run.loaders['train'])}")
+                         f"epoch {epoch}, step {record['step']}/{len(run.loaders['train'])}",
+                         run.rerun)
     except UserError as exc:  # a broken file met mid-run: what was saved stays
         if run.resume is None and epoch == 1:
             raise  # nothing saved by this run yet
@@ -414,7 +421,8 @@ def fit(run):
             losses, tic = train_epoch(run, epoch, stop)
             validate_and_save(run, epoch, losses, tic)
             if run.dist.any(stop.requested)[0] and epoch < run.args.epochs:
-                exit_interrupted(stop, run.dist, run.paths["last"], f"the end of epoch {epoch}")
+                exit_interrupted(stop, run.dist, run.paths["last"], f"the end of epoch {epoch}",
+                                 run.rerun)
     return time.perf_counter() - begin
 
 
@@ -441,9 +449,10 @@ def summarise(run, seconds):
     return summary
 
 
-def train(args, dist):
+def train(args, dist, rerun=RERUN):
     """build -> restore -> fit -> summarise."""
     run = start(args, dist)
+    run.rerun = rerun
     build_loaders(run)
     build_models(run)
     restore(run)
@@ -451,11 +460,13 @@ def train(args, dist):
     return summarise(run, seconds) if dist.is_main else None
 
 
-def main(args):
+def main(args, rerun=RERUN):
+    """Train; ``rerun`` is what a stop tells the user to run to continue (sweep.py's and
+    demo.py's own commands, which resume their runs themselves)."""
     check_args(args)
     dist = Distributed.from_env(args.device)
     try:
-        return train(args, dist)
+        return train(args, dist, rerun)
     finally:
         dist.close()
 

@@ -160,6 +160,74 @@ def resolve_device(name):
     raise UserError(f"--device {name!r} is unknown; use auto, cuda, cuda:N, mps or cpu")
 
 
+# torch's own default (physical cores, or OMP_NUM_THREADS), read before any script changes it
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def add_compute_flags(parser, device="auto", workers=True):
+    """--device (unless ``device`` is None), --workers and --threads, the same in every
+    script that computes."""
+    if device is not None:
+        parser.add_argument("--device", default=device,
+                            help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu "
+                                 "(default: %(default)s)")
+    if workers:
+        parser.add_argument("--workers", type=ranged(int, 0), default=None,
+                            help="DataLoader worker processes (default: auto: on a GPU one per "
+                                 "core up to 8; on a CPU, where they take cores from the "
+                                 "network, one per 8 cores)")
+    parser.add_argument("--threads", type=ranged(int, 1), default=None,
+                        help="PyTorch's CPU threads in this process (default: auto: the cores "
+                             "that the workers and other busy programs leave free, measured at "
+                             "start; CPU results are bit-identical only at equal counts)")
+
+
+def usable_cores():
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def busy_cores(seconds=0.3):
+    """How many cores other programs keep busy: the machine's CPU use over ``seconds``
+    (psutil; this process sleeps meanwhile), rounded to whole cores."""
+    import psutil
+    percent = psutil.cpu_percent(interval=seconds)
+    return int(percent / 100 * (os.cpu_count() or 1) + 0.5)
+
+
+def default_workers(device, cores):
+    """On a GPU the loader is the limit: one worker per core, up to 8. On a CPU every worker
+    takes a core from the network's threads; loading is a small share of a CPU step, so
+    workers pay only on large machines."""
+    if device.type in ("cuda", "mps"):
+        return min(8, cores)
+    return min(4, cores // 8)
+
+
+def set_compute_resources(args, device, busy=None):
+    """Resolve ``args.workers`` (when the parser has it) and ``args.threads`` in place, set
+    torch's thread count, and return the line that says why.
+
+    Threads: the cores left when the workers and the programs already busy at start have
+    taken theirs, at least 1 and at most torch's default. Oversubscribed cores stall PyTorch's
+    threads many-fold, while one thread fewer costs far less (docs/benchmark.md).
+    """
+    cores = usable_cores()
+    if getattr(args, "workers", 0) is None:
+        args.workers = default_workers(device, cores)
+    workers = getattr(args, "workers", 0)
+    if args.threads is None:
+        busy = busy_cores() if busy is None else busy
+        args.threads = max(1, min(TORCH_DEFAULT_THREADS, cores - busy - workers))
+        why = f"auto: {cores} cores, {workers} workers, {busy} busy with other programs"
+    else:
+        why = "--threads"
+    torch.set_num_threads(args.threads)
+    return f"threads: {args.threads} ({why}); workers: {workers}"
+
+
 def synchronize(device):
     """Wait for queued kernels so wall-clock timings measure the work, not its launch."""
     if device.type == "cuda":

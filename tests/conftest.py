@@ -62,9 +62,12 @@ def hub_cache(tmp_path_factory):
 
 def train_flags(root, work, *extra):
     """train_kd.py flags of a tiny offline CPU run writing under ``work``, then ``extra``
-    (argparse keeps the last value of a repeated flag, so ``extra`` may override)."""
+    (argparse keeps the last value of a repeated flag, so ``extra`` may override). The thread
+    count is fixed: CPU results are bit-identical only at equal counts, and the automatic one
+    follows the machine's load."""
     return ["--data-root", str(root), "--epochs", "1", "--batch-size", "4", "--crop-size", "48",
-            "--limit-val", "2", "--workers", "0", "--device", "cpu", "--no-pretrained-backbone",
+            "--limit-val", "2", "--workers", "0", "--threads", "2", "--device", "cpu",
+            "--no-pretrained-backbone",
             "--no-download", "--no-progress", "--model-dir", str(Path(work) / "models"),
             "--output-dir", str(Path(work) / "outputs"), "--plot-dir", str(Path(work) / "plots"),
             *extra]

@@ -23,7 +23,7 @@ def test_torchrun_two_processes_log_once_and_score_like_one_process(synth_root, 
     # whose eval-mode answers spread over several classes (see the last assertion)
     argv = train_flags(synth_root, tmp_path, "--epochs", "4", "--batch-size", "1", "--lr",
                        "1e-6", "--limit-val", "5", "--alpha", "0.5", "--beta", "1", "--teacher",
-                       "lite", "--teacher-weights", "none", "--out", "ddp")
+                       "lite", "--teacher-weights", "none", "--out", "ddp", "--threads", "1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(REPO / "train_kd.py"), *argv],
                           cwd=REPO, capture_output=True, text=True, timeout=600,

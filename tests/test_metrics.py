@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from data import IGNORE_INDEX
+from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from engine import evaluate
 from metrics import confusion_matrix, scores_from_confusion
 
@@ -82,7 +82,8 @@ def test_evaluate_scores_the_whole_set_not_an_average_of_images():
     g = torch.Generator().manual_seed(1)
     targets = [torch.randint(0, 4, (9, 11), generator=g), torch.randint(0, 2, (30, 20), generator=g)]
     preds = [torch.randint(0, 4, t.shape, generator=g) for t in targets]
-    loader = DataLoader(list(zip([torch.zeros(3, *t.shape) for t in targets], targets)), batch_size=1)
+    loader = DataLoader(list(zip([torch.zeros(3, *t.shape, dtype=torch.uint8) for t in targets],
+                                 targets)), batch_size=1)
     # no warm-up calls, so the model hands out the predictions in order
     results = evaluate(_FixedPredictor(preds), loader, torch.device("cpu"), warmup=0, progress=False,
                        per_image=True)
@@ -96,10 +97,12 @@ def test_evaluate_scores_the_whole_set_not_an_average_of_images():
 
 
 class _InputIsThePrediction(torch.nn.Module):
-    """Logits that predict the class written in channel 0 of each pixel."""
+    """Logits that predict the class written in channel 0 of each pixel (the uint8 value
+    that ``data.to_model_input`` normalised)."""
 
     def forward(self, x):
-        return torch.nn.functional.one_hot(x[:, 0].long(), 21).permute(0, 3, 1, 2).float()
+        value = ((x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255).round().long()
+        return torch.nn.functional.one_hot(value, 21).permute(0, 3, 1, 2).float()
 
 
 def test_batched_evaluation_counts_each_image_and_per_image_scores_come_on_request():
@@ -110,7 +113,7 @@ def test_batched_evaluation_counts_each_image_and_per_image_scores_come_on_reque
     wrong = torch.randint(0, 5, (4, 6, 7), generator=g)
     preds = torch.where(torch.rand(4, 6, 7, generator=g) < 0.7, targets, wrong)
     targets[0, 0, :3] = IGNORE_INDEX
-    images = preds[:, None].repeat(1, 3, 1, 1).float()
+    images = preds[:, None].repeat(1, 3, 1, 1).to(torch.uint8)  # as the loaders send them
     loader = DataLoader(list(zip(images, targets)), batch_size=2)
     plain = evaluate(_InputIsThePrediction(), loader, torch.device("cpu"), warmup=0, progress=False)
     both = evaluate(_InputIsThePrediction(), loader, torch.device("cpu"), warmup=0, progress=False,

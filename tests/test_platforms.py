@@ -79,7 +79,7 @@ def test_cudnn_autotuning_is_off_during_full_size_evaluation(monkeypatch):
             return torch.zeros(x.shape[0], 21, *x.shape[-2:])
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    batch = [(torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.long))]
+    batch = [(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, 8, 8, dtype=torch.uint8))]
     engine.evaluate(Probe(), batch, torch.device("cpu"), warmup=0, progress=False)
     assert seen == [False] and torch.backends.cudnn.benchmark is True  # restored after
 
@@ -144,3 +144,48 @@ def test_every_flag_shows_its_default_in_help(name):
             if action.option_strings and action.dest != "help":
                 text = formatter._expand_help(action) if action.help else ""
                 assert "default" in text, f"{name}: {action.option_strings[0]}: {text!r}"
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+@pytest.fixture
+def eight_cores(monkeypatch):
+    """A machine of 8 cores on which torch would use all 8; torch's count restored after."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(utils, "usable_cores", lambda: 8)
+    monkeypatch.setattr(utils, "TORCH_DEFAULT_THREADS", 8)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device, busy, workers, expected", [
+    ("cpu", 0, None, (1, 7)),    # auto workers on a CPU: one per 8 cores; the rest compute
+    ("cpu", 3, None, (1, 4)),    # three cores taken by other programs at start
+    ("cpu", 3, 2, (2, 3)),       # --workers 2 each take a core
+    ("cpu", 12, 0, (0, 1)),      # a machine busier than its cores: still one thread
+    ("cuda", 0, None, (8, 1)),   # a GPU is fed by one worker per core, up to 8
+])
+def test_threads_leave_the_cores_to_workers_and_busy_programs(eight_cores, device, busy,
+                                                               workers, expected):
+    args = argparse.Namespace(threads=None, workers=workers)
+    line = utils.set_compute_resources(args, torch.device(device), busy=busy)
+    assert (args.workers, args.threads) == expected
+    assert torch.get_num_threads() == expected[1]
+    assert line == (f"threads: {expected[1]} (auto: 8 cores, {expected[0]} workers, {busy} busy "
+                    f"with other programs); workers: {expected[0]}")
+
+
+def test_threads_flag_overrides_the_choice(eight_cores):
+    args = argparse.Namespace(threads=5, workers=0)
+    assert utils.set_compute_resources(args, torch.device("cpu"), busy=7).startswith(
+        "threads: 5 (--threads)")
+    assert torch.get_num_threads() == 5
+
+
+def test_busy_cores_counts_a_busy_program(monkeypatch):
+    """psutil's machine-wide CPU use, in whole cores: one busy core of 4 is 25%."""
+    import psutil
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for percent, cores in ((0.0, 0), (10.0, 0), (25.0, 1), (60.0, 2), (100.0, 4)):
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval, p=percent: p)
+        assert utils.busy_cores() == cores

@@ -136,3 +136,16 @@ def test_a_new_report_replaces_the_old_one_whole(tmp_path):
     run_report(tmp_path, source="voc")
     assert not (old / "stale.png").exists() and (old / "README.md").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "report"]
+
+
+def test_throughput_tables_come_from_their_file_with_the_command(tmp_path):
+    write(tmp_path / "outputs" / "benchmark.json", {"hardware": "CPU (test)", "device": "cpu",
+                                                    "size": 520, "table_markdown": "| m |"})
+    _, markdown = run_report(tmp_path, source="voc")
+    assert "not run: `python benchmark.py --throughput`" in markdown
+    write(tmp_path / "outputs" / "benchmark_throughput.json", {
+        "hardware": "CPU (test)", "device": "cpu", "threads": 2,
+        "command": "python benchmark.py --throughput", "table_markdown": "| loader | 151.0 |"})
+    _, markdown = run_report(tmp_path, source="voc")
+    assert "written by `python benchmark.py --throughput` on CPU (test) (cpu, 2 threads)" in markdown
+    assert "| loader | 151.0 |" in markdown

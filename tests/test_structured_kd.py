@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import evaluate
 import train_kd
-from data import build_dataset
+from data import build_dataset, to_model_input
 from conftest import QUIET_LOOP, train_flags
 from engine import Distiller, train_one_epoch
 from losses import (DistillationCriterion, Outputs, attention_transfer_loss, cwd_loss,
@@ -324,9 +324,10 @@ def test_each_method_alone_lowers_its_own_term(batch, tiny_teacher, term):
     def measure():
         student.train()
         with torch.no_grad():
-            t_logits, t_feats = tiny_teacher(images)
-            logits, raw = student(images, return_features=True, return_preact=True)
-            return criterion(Outputs(logits, raw), targets, Outputs(t_logits, t_feats))[term].item()
+            x, y = to_model_input(images, targets)  # what train_one_epoch feeds the nets
+            t_logits, t_feats = tiny_teacher(x)
+            logits, raw = student(x, return_features=True, return_preact=True)
+            return criterion(Outputs(logits, raw), y, Outputs(t_logits, t_feats))[term].item()
 
     before = measure()
     losses = _step(student, tiny_teacher, criterion, images, targets, steps=20, lr=1e-2)

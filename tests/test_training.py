@@ -12,12 +12,13 @@ import evaluate
 import nets
 import train_kd
 from conftest import QUIET_LOOP, train_flags
-from data import build_dataset, eval_loader, train_transforms
+from data import build_dataset, eval_loader, to_model_input, train_transforms
 from engine import evaluate as run_evaluation
 from engine import Distiller, train_one_epoch
 from losses import DistillationCriterion, Outputs
 from nets import FrozenTeacher, build_model, model_from_checkpoint
 from student_model import FeatureAdapters
+import utils
 from utils import UserError
 
 
@@ -90,22 +91,21 @@ def test_distillation_run_logs_every_term_and_keeps_adapters_apart(
                                                              if "running" not in k and "num_batches" not in k)
 
 
-def test_resume_after_epoch_one_equals_an_unbroken_run(synth_root, tmp_path, monkeypatch):
+def train_keeping_epoch_one(args, copy, monkeypatch):
+    """Train, keeping a copy of the checkpoint as it stood after epoch 1."""
     real_save = train_kd.torch_save
 
-    def keep_epoch_one(state, path):  # a copy of the checkpoint as it stood after epoch 1
+    def keep_epoch_one(state, path):
         real_save(state, path)
         if state["epoch"] == 1 and str(path).endswith("_last.pth"):
-            shutil.copy(path, tmp_path / "epoch1.pth")
+            shutil.copy(path, copy)
 
     monkeypatch.setattr(train_kd, "torch_save", keep_epoch_one)
-    args = ["--out", "run", "--alpha", "0.5", "--teacher", "lite", "--teacher-weights", "none"]
-    train_kd.main(train_args(synth_root, tmp_path, *args))
+    train_kd.main(args)
     monkeypatch.setattr(train_kd, "torch_save", real_save)
-    unbroken = torch.load(tmp_path / "models/run_last.pth", weights_only=True)
-    unbroken_history = (tmp_path / "outputs/run/history.jsonl").read_text().splitlines()
 
-    train_kd.main(train_args(synth_root, tmp_path, *args, "--resume", str(tmp_path / "epoch1.pth")))
+
+def assert_same_run(tmp_path, unbroken, unbroken_history):
     resumed = torch.load(tmp_path / "models/run_last.pth", weights_only=True)
     assert resumed["epoch"] == unbroken["epoch"] == 2
     for key, value in unbroken["model"].items():
@@ -114,6 +114,38 @@ def test_resume_after_epoch_one_equals_an_unbroken_run(synth_root, tmp_path, mon
     history = (tmp_path / "outputs/run/history.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k}
     assert [strip(x) for x in history] == [strip(x) for x in unbroken_history]
+    return resumed
+
+
+def test_resume_after_epoch_one_equals_an_unbroken_run(synth_root, tmp_path, monkeypatch):
+    args = ["--out", "run", "--alpha", "0.5", "--teacher", "lite", "--teacher-weights", "none"]
+    train_keeping_epoch_one(train_args(synth_root, tmp_path, *args), tmp_path / "epoch1.pth",
+                            monkeypatch)
+    unbroken = torch.load(tmp_path / "models/run_last.pth", weights_only=True)
+    unbroken_history = (tmp_path / "outputs/run/history.jsonl").read_text().splitlines()
+
+    train_kd.main(train_args(synth_root, tmp_path, *args, "--resume", str(tmp_path / "epoch1.pth")))
+    assert_same_run(tmp_path, unbroken, unbroken_history)
+
+
+def test_resume_reuses_the_runs_thread_count(synth_root, tmp_path, monkeypatch, capsys):
+    """CPU bits depend on the thread count: a resume without --threads takes the run's own
+    (1 here) rather than the automatic choice (made 2 here), and so equals the unbroken run."""
+    monkeypatch.setattr(utils, "usable_cores", lambda: 2)
+    monkeypatch.setattr(utils, "busy_cores", lambda seconds=0.3: 0)
+    monkeypatch.setattr(utils, "TORCH_DEFAULT_THREADS", 2)
+    args = ["--out", "run", "--alpha", "0.5", "--teacher", "lite", "--teacher-weights", "none"]
+    train_keeping_epoch_one(train_args(synth_root, tmp_path, *args, "--threads", "1"),
+                            tmp_path / "epoch1.pth", monkeypatch)
+    unbroken = torch.load(tmp_path / "models/run_last.pth", weights_only=True)
+    unbroken_history = (tmp_path / "outputs/run/history.jsonl").read_text().splitlines()
+    capsys.readouterr()
+
+    resume = train_args(synth_root, tmp_path, *args, "--resume", str(tmp_path / "epoch1.pth"))
+    resume.threads = None  # as if --threads were not on the command line
+    train_kd.main(resume)
+    assert "threads: 1 (the resumed run's count; --threads overrides)" in capsys.readouterr().out
+    assert assert_same_run(tmp_path, unbroken, unbroken_history)["args"]["threads"] == 1
 
 
 class _BrightnessTeacher(nn.Module):
@@ -148,6 +180,7 @@ def _agreement(student, teacher, loader):
     hits = total = 0
     with torch.no_grad():
         for images, _ in loader:
+            images = to_model_input(images)
             hits += (student(images).argmax(1) == teacher(images)[0].argmax(1)).sum().item()
             total += images.shape[0] * images.shape[-1] * images.shape[-2]
     return hits / total
@@ -160,7 +193,7 @@ def test_distillation_alone_makes_the_student_agree_with_the_teacher(synth_root)
     train = build_dataset(synth_root, "train", download=False,
                           transforms=train_transforms(64, scale=(0.8, 1.25)))
     fixed = eval_loader(synth_root, download=False, split="train")  # full images, no randomness
-    teacher = _BrightnessTeacher([x for x, _ in fixed])
+    teacher = _BrightnessTeacher([to_model_input(x) for x, _ in fixed])
     student = build_model("lite")
     before = _agreement(student, teacher, fixed)
     majority = max(_class_share(teacher, fixed).values())
@@ -183,7 +216,7 @@ def test_distillation_alone_makes_the_student_agree_with_the_teacher(synth_root)
 def _class_share(teacher, loader):
     counts = torch.zeros(21)
     for images, _ in loader:
-        counts += torch.bincount(teacher(images)[0].argmax(1).flatten(), minlength=21)
+        counts += torch.bincount(teacher(to_model_input(images))[0].argmax(1).flatten(), minlength=21)
     return {c: float(v / counts.sum()) for c, v in enumerate(counts) if v > 0}
 
 
@@ -199,9 +232,10 @@ def test_gradients_reach_student_and_adapters_never_the_teacher(synth_root, smal
     optimizer = torch.optim.SGD(list(student.parameters()) + list(adapters.parameters()), lr=0.1)
     images, targets = next(iter(loader))
     teacher.train()  # a parent's .train() must not unfreeze the teacher
-    t_logits, t_feats = teacher(images)
-    logits, s_feats = student(images, return_features=True)
-    terms = criterion(Outputs(logits, s_feats, adapters(s_feats)), targets, Outputs(t_logits, t_feats))
+    x, y = to_model_input(images, targets)  # what train_one_epoch feeds the nets
+    t_logits, t_feats = teacher(x)
+    logits, s_feats = student(x, return_features=True)
+    terms = criterion(Outputs(logits, s_feats, adapters(s_feats)), y, Outputs(t_logits, t_feats))
     criterion.total(terms).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()

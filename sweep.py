@@ -1,0 +1,215 @@
+"""Grid search with seeds over train_kd.py's flags: every combination trained through
+``train_kd.main``, each run's final checkpoint scored by the shared evaluation
+(``engine.evaluate``) on the split its training validated on, and mean +- std over seeds.
+
+    python sweep.py --alpha 0 0.5 0.9 --tau 1 2 4 --seeds 0 1 2 --epochs 30
+    python sweep.py --name beta --beta 0.5 1 2 5 10 --seeds 0 1 2 --data-root DIR --val-split select
+
+Any train_kd.py flag given several values is an axis of the grid; every other flag goes to
+every run as it is. Seeds are paired: a seed gives every setting the same initialisation
+and data order, so settings can be compared seed by seed (``paired_gains``).
+
+Runs are named NAME_<axis><value>..._seed<S>. A run whose result file exists is skipped,
+and one that a stop interrupted resumes where it stopped (train_kd.py --resume auto): rerun
+the same command to continue a sweep. Scores come from the final checkpoint, never a "best"
+one, and from ``--val-split``: point it at a split the final report does not use (the
+demo's ``select``) so that nothing is chosen on the images a table reports.
+
+Writes OUTPUT_DIR/sweep/NAME/runs/RUN.json (one per run), OUTPUT_DIR/sweep/NAME/sweep.json
+(every setting: its runs, mean, std, n), sweep.md (the table, best first) and
+PLOT_DIR/NAME_sweep.png (error bars: std over seeds).
+"""
+import argparse
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+import train_kd
+from data import eval_loader
+from engine import evaluate
+from nets import model_from_checkpoint
+from plots import bar_chart
+from utils import HelpFormatter, UserError, markdown_table, resolve_device, run_cli, save_json
+
+
+class _SweepParser(argparse.ArgumentParser):
+    """sweep.py's own flags; every other word is kept, in order, as ``args.train_flags``."""
+
+    def parse_args(self, args=None, namespace=None):
+        own, rest = self.parse_known_args(args, namespace)
+        own.train_flags = rest
+        return own
+
+
+def get_args_parser():
+    parser = _SweepParser(
+        description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
+        epilog="Every other flag is train_kd.py's (python train_kd.py --help); give a flag "
+               "several values to make it an axis of the grid.")
+    parser.add_argument("--name", default="sweep",
+                        help="the sweep's name: its folder, and the prefix of its runs' names")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds; every setting runs with each")
+    return parser
+
+
+def split_flags(words):
+    """({axis dest: (flag, [values as typed])}, the words every run gets) from train_kd.py
+    flags: a single-valued flag given several values is an axis."""
+    actions = train_kd.get_args_parser()._option_string_actions
+    axes, fixed, i = {}, [], 0
+    while i < len(words):
+        j = i + 1
+        while j < len(words) and not words[j].startswith("--"):
+            j += 1
+        flag, values = words[i], words[i + 1:j]
+        action = actions.get(flag)
+        if action is None:
+            raise UserError(f"{flag}: neither a sweep.py nor a train_kd.py flag; see "
+                            "python sweep.py --help and python train_kd.py --help")
+        if action.dest in ("seed", "out", "resume"):
+            raise UserError(f"{flag} is set by sweep.py for each run; use --seeds and --name")
+        if action.nargs is None and len(values) > 1:
+            axes[action.dest] = (flag, values)
+        else:
+            fixed += words[i:j]
+        i = j
+    return axes, fixed
+
+
+def grid(own, axes, fixed):
+    """Every run of the sweep: [{'name', 'setting', 'seed', 'argv'}], settings in grid order,
+    seeds innermost."""
+    runs = []
+    names = list(axes)
+    for values in itertools.product(*(axes[n][1] for n in names)):
+        setting = dict(zip(names, values))
+        label = "_".join(f"{n}{v}" for n, v in setting.items())
+        for seed in own.seeds:
+            name = "_".join(filter(None, [own.name, label, f"seed{seed}"]))
+            argv = fixed + [a for n, v in setting.items() for a in (axes[n][0], v)] + [
+                "--seed", str(seed), "--out", name, "--resume", "auto"]
+            runs.append({"name": name, "setting": setting, "seed": seed, "argv": argv})
+    return runs
+
+
+def score(args):
+    """The run's final checkpoint on its --val-split: the shared evaluation, whole set."""
+    path = Path(args.model_dir) / f"{args.out}_last.pth"
+    model, _ = model_from_checkpoint(path)
+    loader = eval_loader(args.data_root, args.limit_val, args.workers, not args.no_download,
+                         split=args.val_split)
+    device = resolve_device(args.device)
+    result = evaluate(model.to(device), loader, device, warmup=0, desc=f"score {args.out}",
+                      progress=args.progress)
+    return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+            "split": args.val_split, "num_images": result["num_images"], "checkpoint": str(path)}
+
+
+def run_one(run, folder, rerun):
+    """Train and score one run, or read its result when it already finished."""
+    path = Path(folder) / "runs" / f"{run['name']}.json"
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done["argv"] != run["argv"]:
+            raise UserError(f"{path}: this run was made with other flags ({' '.join(done['argv'])}); "
+                            "give the sweep another --name, or move that folder away")
+        print(f"{run['name']}: done before, mIoU {100 * done['miou']:.2f} (skipped)")
+        return done
+    print(f"\n== {run['name']}: python train_kd.py {' '.join(run['argv'])}", flush=True)
+    args = train_kd.get_args_parser().parse_args(run["argv"])
+    summary = train_kd.main(args, rerun=rerun)
+    result = {**run, **score(args), "train_seconds": summary["train_seconds_total"]}
+    save_json(result, path)
+    return result
+
+
+def mean_std(values):
+    """(mean, sample standard deviation, n); the std of one value is 0."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def aggregate(results):
+    """One row per setting: mean, std and n of its runs' mIoU, best mean first."""
+    rows = {}
+    for r in results:
+        key = json.dumps(r["setting"], sort_keys=True)
+        rows.setdefault(key, {"setting": r["setting"], "runs": []})["runs"].append(
+            {"seed": r["seed"], "miou": r["miou"], "name": r["name"]})
+    for row in rows.values():
+        row["mean"], row["std"], row["n"] = mean_std([x["miou"] for x in row["runs"]])
+    return sorted(rows.values(), key=lambda row: -row["mean"])
+
+
+def paired_gains(results, baseline):
+    """{setting label: (mean, standard error, n)} of the per-seed differences in mIoU between
+    each setting and ``baseline`` (a setting dict), over the seeds both ran."""
+    by = {}
+    for r in results:
+        by.setdefault(label(r["setting"]), {})[r["seed"]] = r["miou"]
+    base = by[label(baseline)]
+    gains = {}
+    for name, seeds in by.items():
+        diffs = [seeds[s] - base[s] for s in sorted(seeds) if s in base]
+        mean, std, n = mean_std(diffs)
+        gains[name] = (mean, std / math.sqrt(n), n)
+    return gains
+
+
+def label(setting):
+    return " ".join(f"{k}={v}" for k, v in setting.items()) or "(one setting)"
+
+
+def table(rows, axes):
+    names = list(axes)
+    return markdown_table(
+        [axes[n][0] for n in names] + ["mIoU mean ± std (%)", "n", "seeds"],
+        [[row["setting"][n] for n in names]
+         + [f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}", row["n"],
+            " ".join(str(x["seed"]) for x in row["runs"])] for row in rows])
+
+
+def write_results(own, axes, fixed, results, folder, plot_dir):
+    """sweep.json, sweep.md and the plot; returns the sweep.json content."""
+    rows = aggregate(results)
+    split = results[0]["split"]
+    md = table(rows, axes)
+    command = "python sweep.py " + " ".join(
+        ["--name", own.name, "--seeds", *map(str, own.seeds)]
+        + [a for flag, values in axes.values() for a in (flag, *values)] + fixed)
+    sweep = {"name": own.name, "command": command, "split": split, "axes": {
+        n: values for n, (_, values) in axes.items()}, "fixed": fixed, "rows": rows,
+        "runs": results, "table_markdown": md}
+    save_json(sweep, Path(folder) / "sweep.json")
+    (Path(folder) / "sweep.md").write_text(
+        f"`{command}`\n\nmIoU of each run's final checkpoint on the '{split}' split, mean ± "
+        f"sample std over seeds.\n\n{md}\n")
+    bar_chart([label(r["setting"]) for r in rows], [100 * r["mean"] for r in rows],
+              [100 * r["std"] for r in rows], Path(plot_dir) / f"{own.name}_sweep.png",
+              f"{own.name}: final mIoU on '{split}' (mean ± std over seeds)", "mIoU (%)")
+    return sweep
+
+
+def main(args, rerun=None):
+    """Run the sweep; returns sweep.json's content. ``rerun``: what a stop tells the user to
+    run to continue (the demo says its own command)."""
+    axes, fixed = split_flags(args.train_flags)
+    runs = grid(args, axes, fixed)
+    base = train_kd.get_args_parser().parse_args(runs[0]["argv"])  # bad flags fail here
+    folder = Path(base.output_dir) / "sweep" / args.name
+    print(f"sweep {args.name}: {len(runs) // len(args.seeds)} setting(s) x {len(args.seeds)} "
+          f"seed(s) = {len(runs)} runs, scored on '{base.val_split}'; results in {folder}")
+    rerun = rerun or ("rerun the same sweep.py command: finished runs are skipped and this "
+                      "one continues where it stopped")
+    results = [run_one(run, folder, rerun) for run in runs]
+    sweep = write_results(args, axes, fixed, results, folder, base.plot_dir)
+    print(f"\n{sweep['table_markdown']}\n\nwritten to {folder}/sweep.json, sweep.md and "
+          f"{base.plot_dir}/{args.name}_sweep.png")
+    return sweep
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,90 @@
+"""sweep.py: the grid, skip-if-done, and mean/std/paired gains against numbers worked by hand."""
+import json
+import math
+
+import pytest
+
+import sweep
+import train_kd
+from conftest import train_flags
+from utils import UserError
+
+
+def parsed(words):
+    return sweep.get_args_parser().parse_args(words)
+
+
+def test_grid_crosses_the_multi_valued_flags_and_passes_the_rest():
+    args = parsed(["--name", "g", "--alpha", "0", "0.5", "--epochs", "2", "--tau", "1", "4",
+                   "--scale-range", "0.5", "1.5", "--seeds", "0", "1"])
+    axes, fixed = sweep.split_flags(args.train_flags)
+    assert axes == {"alpha": ("--alpha", ["0", "0.5"]), "tau": ("--tau", ["1", "4"])}
+    assert fixed == ["--epochs", "2", "--scale-range", "0.5", "1.5"]  # nargs=2: not an axis
+    runs = sweep.grid(args, axes, fixed)
+    assert [r["name"] for r in runs[:3]] == ["g_alpha0_tau1_seed0", "g_alpha0_tau1_seed1",
+                                             "g_alpha0_tau4_seed0"]
+    assert len(runs) == 2 * 2 * 2
+    assert runs[-1]["setting"] == {"alpha": "0.5", "tau": "4"} and runs[-1]["seed"] == 1
+    assert runs[-1]["argv"] == fixed + ["--alpha", "0.5", "--tau", "4", "--seed", "1",
+                                        "--out", "g_alpha0.5_tau4_seed1", "--resume", "auto"]
+    parsed_run = train_kd.get_args_parser().parse_args(runs[-1]["argv"])
+    assert (parsed_run.alpha, parsed_run.tau, parsed_run.seed, parsed_run.epochs) == (0.5, 4.0, 1, 2)
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--alpha", "0", "1", "--colour", "red"], "--colour: neither a sweep.py nor a train_kd.py flag"),
+    (["--seed", "3"], "--seed is set by sweep.py for each run"),
+])
+def test_flags_sweep_cannot_take_are_refused(words, message):
+    with pytest.raises(UserError, match=message):
+        sweep.split_flags(parsed(words).train_flags)
+
+
+def result(setting, seed, miou):
+    return {"setting": setting, "seed": seed, "miou": miou, "name": f"{setting}{seed}"}
+
+
+RESULTS = [result({"alpha": "0.5"}, s, m) for s, m in ((0, 0.5), (1, 0.6), (2, 0.7))] + [
+    result({"alpha": "0"}, s, m) for s, m in ((0, 0.4), (1, 0.4), (2, 0.7))]
+
+
+def test_aggregate_gives_mean_and_sample_std_best_first():
+    rows = sweep.aggregate(RESULTS)
+    assert [r["setting"] for r in rows] == [{"alpha": "0.5"}, {"alpha": "0"}]
+    # by hand: (0.5 + 0.6 + 0.7) / 3 = 0.6; deviations -0.1, 0, 0.1: sqrt(0.02 / 2) = 0.1
+    assert rows[0]["mean"] == pytest.approx(0.6) and rows[0]["std"] == pytest.approx(0.1)
+    # 0.5; deviations -0.1, -0.1, 0.2: sqrt(0.06 / 2)
+    assert rows[1]["mean"] == pytest.approx(0.5) and rows[1]["std"] == pytest.approx(math.sqrt(0.03))
+    assert rows[0]["n"] == rows[1]["n"] == 3
+
+
+def test_paired_gains_are_per_seed_differences_with_their_standard_error():
+    gains = sweep.paired_gains(RESULTS, {"alpha": "0"})
+    mean, se, n = gains["alpha=0.5"]
+    # differences 0.1, 0.2, 0.0: mean 0.1, sample std 0.1, standard error 0.1 / sqrt(3)
+    assert (mean, se, n) == (pytest.approx(0.1), pytest.approx(0.1 / math.sqrt(3)), 3)
+    assert gains["alpha=0"] == (0.0, 0.0, 3)
+
+
+def test_a_finished_run_is_skipped_and_other_flags_under_its_name_refused(synth_root, tmp_path,
+                                                                          monkeypatch):
+    words = ["--name", "s", "--seeds", "0", "--alpha", "0", "0.5", "--teacher", "lite",
+             "--teacher-weights", "none", *train_flags(synth_root, tmp_path, "--limit-train", "4",
+                                                         "--batch-size", "2")]
+    first = sweep.main(parsed(words))
+    assert len(first["runs"]) == 2 and first["split"] == "val"
+    assert (tmp_path / "outputs/sweep/s/sweep.md").is_file()
+    assert (tmp_path / "plots/s_sweep.png").is_file()
+    for run in first["runs"]:  # scored on the final checkpoint
+        assert run["checkpoint"].endswith(f"{run['name']}_last.pth")
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_kd, "main", no_training)
+    again = sweep.main(parsed(words))
+    assert [r["miou"] for r in again["runs"]] == [r["miou"] for r in first["runs"]]
+    with pytest.raises(UserError, match="s_alpha0_seed0.json: this run was made with other flags"):
+        sweep.main(parsed(words + ["--lr", "0.5"]))
+    saved = json.loads((tmp_path / "outputs/sweep/s/sweep.json").read_text())
+    assert saved["rows"][0]["n"] == 1 and saved["command"].startswith("python sweep.py --name s")
