@@ -23,7 +23,11 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
+import signal
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import train_kd
@@ -31,7 +35,8 @@ from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
 from plots import bar_chart
-from utils import HelpFormatter, UserError, markdown_table, resolve_device, run_cli, save_json
+from utils import (HelpFormatter, StopRequest, UserError, markdown_table, ranged, resolve_device,
+                   run_cli, save_json, set_compute_resources)
 
 
 class _SweepParser(argparse.ArgumentParser):
@@ -52,14 +57,22 @@ def get_args_parser():
                         help="the sweep's name: its folder, and the prefix of its runs' names")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds; every setting runs with each")
+    parser.add_argument("--jobs", type=ranged(int, 1), default=1,
+                        help="runs trained at once, each in its own process with its share of "
+                             "the CPU threads and its log in the sweep's logs/ folder; on a CPU "
+                             "two runs at 1 thread finish sooner than one after the other at 2")
     return parser
 
 
+COMPUTE = ("device", "workers", "threads", "progress")  # how a run computes, not what
+
+
 def split_flags(words):
-    """({axis dest: (flag, [values as typed])}, the words every run gets) from train_kd.py
-    flags: a single-valued flag given several values is an axis."""
+    """({axis dest: (flag, [values as typed])}, the words every run gets, the words of
+    COMPUTE flags) from train_kd.py flags: a single-valued flag given several values is an
+    axis; the compute flags do not name a run (a rerun may pick other ones)."""
     actions = train_kd.get_args_parser()._option_string_actions
-    axes, fixed, i = {}, [], 0
+    axes, fixed, compute, i = {}, [], [], 0
     while i < len(words):
         j = i + 1
         while j < len(words) and not words[j].startswith("--"):
@@ -73,10 +86,12 @@ def split_flags(words):
             raise UserError(f"{flag} is set by sweep.py for each run; use --seeds and --name")
         if action.nargs is None and len(values) > 1:
             axes[action.dest] = (flag, values)
+        elif action.dest in COMPUTE:
+            compute += words[i:j]
         else:
             fixed += words[i:j]
         i = j
-    return axes, fixed
+    return axes, fixed, compute
 
 
 def grid(own, axes, fixed):
@@ -108,22 +123,92 @@ def score(args):
             "split": args.val_split, "num_images": result["num_images"], "checkpoint": str(path)}
 
 
-def run_one(run, folder, rerun):
-    """Train and score one run, or read its result when it already finished."""
+def finished(run, folder):
+    """The run's result when it finished before with the same flags, else None."""
     path = Path(folder) / "runs" / f"{run['name']}.json"
-    if path.is_file():
-        done = json.loads(path.read_text())
-        if done["argv"] != run["argv"]:
-            raise UserError(f"{path}: this run was made with other flags ({' '.join(done['argv'])}); "
-                            "give the sweep another --name, or move that folder away")
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done["argv"] != run["argv"]:
+        raise UserError(f"{path}: this run was made with other flags ({' '.join(done['argv'])}); "
+                        "give the sweep another --name, or move that folder away")
+    return done
+
+
+def run_one(run, folder, rerun, compute=()):
+    """Train and score one run, or read its result when it already finished. ``compute``:
+    device, worker and thread flags, which do not make another run; a run resumed from its
+    checkpoint keeps its own thread count (CPU bits depend on it)."""
+    done = finished(run, folder)
+    if done is not None:
         print(f"{run['name']}: done before, mIoU {100 * done['miou']:.2f} (skipped)")
         return done
-    print(f"\n== {run['name']}: python train_kd.py {' '.join(run['argv'])}", flush=True)
-    args = train_kd.get_args_parser().parse_args(run["argv"])
+    resumed = (Path(train_kd.get_args_parser().parse_args(run["argv"]).model_dir)
+               / f"{run['name']}_last.pth").is_file()
+    compute = list(compute)
+    if resumed and "--threads" in compute:
+        del compute[compute.index("--threads"):compute.index("--threads") + 2]
+    print(f"\n== {run['name']}: python train_kd.py {' '.join(run['argv'] + compute)}", flush=True)
+    args = train_kd.get_args_parser().parse_args(run["argv"] + compute)
     summary = train_kd.main(args, rerun=rerun)
     result = {**run, **score(args), "train_seconds": summary["train_seconds_total"]}
-    save_json(result, path)
+    save_json(result, Path(folder) / "runs" / f"{run['name']}.json")
+    stop_if_requested(summary, rerun)
     return result
+
+
+def stop_if_requested(summary, rerun):
+    """A stop that came with a run's last step finished that run; it still ends the sweep."""
+    if summary.get("stopped_by"):
+        name = signal.Signals(summary["stopped_by"]).name
+        print(f"stopped by {name} after {summary['name']} finished. To finish the rest, {rerun}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + summary["stopped_by"])
+
+
+def _run_in_child(run, folder, rerun, compute, log):
+    """A --jobs process: one run, its output in ``log``; a bad-input error exits 2."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as out:
+        sys.stdout = sys.stderr = out
+        try:
+            run_one(run, folder, rerun, compute)
+        except UserError as exc:
+            print(f"error: {exc}")
+            raise SystemExit(2) from None
+
+
+def run_parallel(runs, folder, rerun, compute, jobs):
+    """Up to ``jobs`` runs at once, each in a spawned process. A stop (Ctrl-C reaches every
+    process of the terminal; SIGTERM is passed on) starts no new run and lets the running
+    ones save their checkpoints and exit, as each would alone."""
+    context = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
+    pending, running, failures = [r for r in runs if finished(r, folder) is None], {}, {}
+    with StopRequest(verbose=False) as stop:
+        while pending or running:
+            while pending and len(running) < jobs and not stop.requested and not failures:
+                run = pending.pop(0)
+                log = Path(folder) / "logs" / f"{run['name']}.log"
+                child = context.Process(target=_run_in_child, args=(run, folder, rerun,
+                                                                     compute, log))
+                child.start()
+                running[child] = run
+                print(f"started {run['name']} (log: {log})", flush=True)
+            time.sleep(0.2)
+            if stop.signum == signal.SIGTERM:
+                for child in running:
+                    child.terminate()  # SIGTERM: the run saves, then exits
+                stop.signum = signal.SIGINT  # passed on once
+            for child in [c for c in running if not c.is_alive()]:
+                run = running.pop(child)
+                print(f"{run['name']}: " + ("finished" if child.exitcode == 0 else
+                      f"stopped (exit {child.exitcode}; its log says why)"), flush=True)
+                if child.exitcode != 0:
+                    failures[run["name"]] = child.exitcode
+    if failures or stop.requested:
+        print(f"sweep stopped; to finish it, {rerun}", file=sys.stderr, flush=True)
+        raise SystemExit(next(iter(failures.values()), 128 + signal.SIGINT))
+    return [finished(run, folder) for run in runs]
 
 
 def mean_std(values):
@@ -178,8 +263,8 @@ def write_results(own, axes, fixed, results, folder, plot_dir):
     split = results[0]["split"]
     md = table(rows, axes)
     command = "python sweep.py " + " ".join(
-        ["--name", own.name, "--seeds", *map(str, own.seeds)]
-        + [a for flag, values in axes.values() for a in (flag, *values)] + fixed)
+        ["--name", own.name, "--seeds", *map(str, own.seeds), "--jobs", str(own.jobs)]
+        + own.train_flags)
     sweep = {"name": own.name, "command": command, "split": split, "axes": {
         n: values for n, (_, values) in axes.items()}, "fixed": fixed, "rows": rows,
         "runs": results, "table_markdown": md}
@@ -193,18 +278,30 @@ def write_results(own, axes, fixed, results, folder, plot_dir):
     return sweep
 
 
+def compute_flags(args, base, compute):
+    """The compute words of every run: as given, plus --threads unless given (with --jobs
+    N, each run's share of the threads chosen now from the cores free of other programs)."""
+    if "--threads" not in compute:
+        free = argparse.Namespace(threads=None, workers=0)
+        print(set_compute_resources(free, resolve_device(base.device)))
+        compute = compute + ["--threads", str(max(1, free.threads // args.jobs))]
+    return compute + (["--no-progress"] if args.jobs > 1 else [])
+
+
 def main(args, rerun=None):
     """Run the sweep; returns sweep.json's content. ``rerun``: what a stop tells the user to
     run to continue (the demo says its own command)."""
-    axes, fixed = split_flags(args.train_flags)
+    axes, fixed, compute = split_flags(args.train_flags)
     runs = grid(args, axes, fixed)
-    base = train_kd.get_args_parser().parse_args(runs[0]["argv"])  # bad flags fail here
+    base = train_kd.get_args_parser().parse_args(runs[0]["argv"] + compute)  # bad flags fail here
     folder = Path(base.output_dir) / "sweep" / args.name
     print(f"sweep {args.name}: {len(runs) // len(args.seeds)} setting(s) x {len(args.seeds)} "
           f"seed(s) = {len(runs)} runs, scored on '{base.val_split}'; results in {folder}")
     rerun = rerun or ("rerun the same sweep.py command: finished runs are skipped and this "
                       "one continues where it stopped")
-    results = [run_one(run, folder, rerun) for run in runs]
+    compute = compute_flags(args, base, compute)
+    results = ([run_one(run, folder, rerun, compute) for run in runs] if args.jobs == 1
+               else run_parallel(runs, folder, rerun, compute, args.jobs))
     sweep = write_results(args, axes, fixed, results, folder, base.plot_dir)
     print(f"\n{sweep['table_markdown']}\n\nwritten to {folder}/sweep.json, sweep.md and "
           f"{base.plot_dir}/{args.name}_sweep.png")

@@ -177,6 +177,7 @@ class Run:
     scaler: Any = None
     start_epoch: int = 0
     rerun: str = RERUN  # how the stop message says to continue
+    stopped_by: Optional[int] = None  # the signal of a stop that came with the last step
     best_miou: float = -1.0
     partial: Optional[dict] = None
     records: list = field(default_factory=list)
@@ -423,6 +424,7 @@ def fit(run):
             if run.dist.any(stop.requested)[0] and epoch < run.args.epochs:
                 exit_interrupted(stop, run.dist, run.paths["last"], f"the end of epoch {epoch}",
                                  run.rerun)
+    run.stopped_by = stop.signum  # a stop during the last step: the run is complete anyway
     return time.perf_counter() - begin
 
 
@@ -441,7 +443,7 @@ def summarise(run, seconds):
                "device": str(run.device), "hardware": device_name(run.device),
                "git": git_revision(), "best_checkpoint": str(run.paths["best"]),
                "last_checkpoint": str(run.paths["last"]), "plots": [str(p) for p in plots],
-               "args": vars(args)}
+               "stopped_by": run.stopped_by, "args": vars(args)}
     save_json(summary, run.paths["run"] / "summary.json")
     print(f"training time {summary['train_seconds_total'] / 60:.1f} min; best val mIoU "
           f"{100 * run.best_miou:.2f}; checkpoints {run.paths['best']}, {run.paths['last']}; "

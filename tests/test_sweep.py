@@ -16,10 +16,11 @@ def parsed(words):
 
 def test_grid_crosses_the_multi_valued_flags_and_passes_the_rest():
     args = parsed(["--name", "g", "--alpha", "0", "0.5", "--epochs", "2", "--tau", "1", "4",
-                   "--scale-range", "0.5", "1.5", "--seeds", "0", "1"])
-    axes, fixed = sweep.split_flags(args.train_flags)
+                   "--scale-range", "0.5", "1.5", "--seeds", "0", "1", "--threads", "1"])
+    axes, fixed, compute = sweep.split_flags(args.train_flags)
     assert axes == {"alpha": ("--alpha", ["0", "0.5"]), "tau": ("--tau", ["1", "4"])}
     assert fixed == ["--epochs", "2", "--scale-range", "0.5", "1.5"]  # nargs=2: not an axis
+    assert compute == ["--threads", "1"]  # how runs compute does not name them
     runs = sweep.grid(args, axes, fixed)
     assert [r["name"] for r in runs[:3]] == ["g_alpha0_tau1_seed0", "g_alpha0_tau1_seed1",
                                              "g_alpha0_tau4_seed0"]
