@@ -22,8 +22,8 @@ the ONNX model with fp32 again: inductor's compiled kernels and onnxruntime's th
 interleaved in one process, fight for the cores and slow each other down many times over.
 Everything lands in --json (outputs/compress.json).
 
-    python compress.py --model_path models/demo_no_kd_best.pth --data-root data/demo
-    python compress.py --model_path models/no_kd_best.pth --data-root ./data --sparsity 0.3 --compile-fp32
+    python compress.py --model_path models/no_kd_last.pth --data-root ./data --limit 100
+    python compress.py --model_path models/no_kd_last.pth --data-root ./data --sparsity 0.3 --compile-fp32
 """
 import argparse
 import copy
@@ -50,7 +50,7 @@ def get_args_parser():
                                      formatter_class=HelpFormatter)
     # input and data
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
-                        help="a student checkpoint written by train_kd.py (models/NAME_best.pth)")
+                        help="a student checkpoint written by train_kd.py (models/NAME_last.pth)")
     parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
     parser.add_argument("--no-download", action="store_true", help="never download VOC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")

@@ -182,6 +182,15 @@ def score(args, checkpoint, data_root, json_path, visualize=False):
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
+def teacher_row(args, trees, teacher):
+    """The teacher's evaluation on the reported split, with its run's name and time."""
+    run = teacher.stem[: -len("_last")]
+    path = Path(args.output_dir) / args.prefix / f"{teacher.stem}_eval.json"
+    summary = json.loads((Path(args.output_dir) / run / "summary.json").read_text())
+    return {**score(args, teacher, trees["students"], path, visualize=True), "run": run,
+            "evaluation": str(path), "train_seconds": summary["train_seconds_total"]}
+
+
 def method_of(setting, args):
     return METHODS[(float(setting["alpha"]) > 0, float(setting["beta"]) > 0)]
 
@@ -195,15 +204,19 @@ def score_students(args, trees, students):
         first = run["seed"] == args.seeds[0]
         result = score(args, run["checkpoint"], trees["students"],
                        folder / f"{run['name']}_eval.json", visualize=first and method == "combined_kd")
-        scored.setdefault(method, []).append({**result, "seed": run["seed"],
-                                               "train_seconds": run["train_seconds"]})
+        scored.setdefault(method, []).append({
+            **result, "seed": run["seed"], "train_seconds": run["train_seconds"], "run": run["name"],
+            "evaluation": str(folder / f"{run['name']}_eval.json")})
     return scored
 
 
 def method_rows(teacher_result, scored):
-    """The table's rows: the teacher, then each method's mean, std, n and paired gain."""
+    """The table's rows: the teacher, then each method's mean, std, n and paired gain; each
+    names its runs and their evaluation files (report.py reads them)."""
     rows = [{"method": "teacher", "mious": [teacher_result["miou"]], "seeds": [0],
-             "params": teacher_result["params"], "ms_per_image": teacher_result["ms_per_image"]}]
+             "params": teacher_result["params"], "ms_per_image": teacher_result["ms_per_image"],
+             "runs": [teacher_result["run"]], "evaluations": [teacher_result["evaluation"]],
+             "train_seconds": teacher_result["train_seconds"]}]
     base = {r["seed"]: r["miou"] for r in scored["no_kd"]}
     for method in METHODS.values():
         runs = scored[method]
@@ -212,6 +225,7 @@ def method_rows(teacher_result, scored):
                      "seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
                      "ms_per_image": sorted(r["ms_per_image"] for r in runs)[len(runs) // 2],
                      "gain": gain, "gain_se": gain_std / n ** 0.5,
+                     "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
                      "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)})
     for row in rows:
         row["mean"], row["std"], row["n"] = sweep.mean_std(row["mious"])
@@ -239,9 +253,7 @@ def main(args):
     trees, settings = make_data(args)
     teacher = train_teacher(args, trees, settings)
     students = train_students(args, trees, settings, teacher)
-    teacher_result = score(args, teacher, trees["students"],
-                           Path(args.output_dir) / args.prefix / f"{teacher.stem}_eval.json",
-                           visualize=True)
+    teacher_result = teacher_row(args, trees, teacher)
     rows = method_rows(teacher_result, score_students(args, trees, students))
     table = results_table(rows)
     plot_path = bar_chart([r["method"] for r in rows], [100 * r["mean"] for r in rows],

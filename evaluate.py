@@ -3,9 +3,9 @@
 The model is rebuilt from the checkpoint alone (it records its architecture), and scored
 by the same loop, metric and timing as test_teacher.py.
 
-    python evaluate.py --model_path models/response_kd_best.pth --device auto
-    python evaluate.py --model_path models/no_kd_best.pth --visualize --num_images 8
-    python evaluate.py --model_path models/demo_no_kd_best.pth --data-root data/demo --json outputs/x.json
+    python evaluate.py --model_path models/response_kd_last.pth --device auto
+    python evaluate.py --model_path models/no_kd_last.pth --visualize --num_images 8
+    python evaluate.py --model_path models/no_kd_last.pth --split select --data-root data/demo/TREE/students
 """
 import argparse
 from pathlib import Path
@@ -24,7 +24,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
-                        help="a checkpoint written by train_kd.py (models/NAME_best.pth)")
+                        help="a checkpoint written by train_kd.py (models/NAME_last.pth)")
     parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
     parser.add_argument("--no-download", action="store_true", help="never download VOC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")

@@ -8,7 +8,8 @@ copied into report/ so the folder stands alone. A result that does not exist sho
 
 Source rule (--source auto): the real-VOC results named in test.txt
 (outputs/teacher_eval.json, outputs/no_kd_eval.json, ...) when at least one of them exists,
-otherwise the offline demo's (outputs/demo/*_eval.json and outputs/demo_results.json).
+otherwise the offline demo's (outputs/demo_results.json and the evaluations it names).
+Sweeps (outputs/sweep/*/sweep.json, sweep.py) get a section of their own.
 One source per report, never a mix: demo numbers are on generated data.
 
     python report.py
@@ -67,11 +68,21 @@ def command_for(method, source):
     for line in (REPO_DIR / "test.txt").read_text().splitlines():
         if line.startswith("python") and target in shlex.split(line):
             return line
-    return f"python evaluate.py --model_path models/{method}_best.pth --json {target}"
+    return f"python evaluate.py --model_path models/{method}_last.pth --json {target}"
+
+
+def demo_row(outputs, method):
+    """The method's row of outputs/demo_results.json (its runs, one per seed), or {}."""
+    rows = (read_json(outputs / "demo_results.json") or {}).get("rows", [])
+    return next((r for r in rows if r["method"] == method), {})
 
 
 def eval_path(outputs, method, source):
-    return outputs / "demo" / f"{method}_eval.json" if source == "demo" else outputs / f"{method}_eval.json"
+    """The evaluation a row shows: the run's (VOC), or the demo's first seed's."""
+    if source == "demo":
+        evaluations = demo_row(outputs, method).get("evaluations") or ["(not run)"]
+        return Path(evaluations[0])
+    return outputs / f"{method}_eval.json"
 
 
 def choose_source(outputs, requested):
@@ -82,15 +93,16 @@ def choose_source(outputs, requested):
 
 
 def extra_methods(outputs, source):
-    """Evaluations beyond the lab's five (advanced KD runs), by file name."""
-    folder = outputs / "demo" if source == "demo" else outputs
+    """Evaluations beyond the lab's five (advanced KD runs of test.txt), by file name."""
+    if source == "demo":
+        return []
     known = {f"{m}_eval.json" for m, _ in METHODS}
-    return sorted(p.name[: -len("_eval.json")] for p in folder.glob("*_eval.json") if p.name not in known)
+    return sorted(p.name[: -len("_eval.json")] for p in outputs.glob("*_eval.json") if p.name not in known)
 
 
 def train_seconds(outputs, method, source, demo_results):
     """Total training time: the run's summary.json, or the demo's results row."""
-    run = f"demo_{method}" if source == "demo" else method
+    run = (demo_row(outputs, method).get("runs") or [""])[0] if source == "demo" else method
     summary = read_json(outputs / run / "summary.json")
     if summary and summary.get("train_seconds_total") is not None:
         return summary["train_seconds_total"], str(outputs / run / "summary.json")
@@ -239,8 +251,13 @@ def results_section(rows, demo_results, outputs, source):
            f"Source: **{where}**. Rule: the real-VOC evaluations when any exists, else the "
            "demo's.", "", "## Results", "", main_table(rows), ""]
     if demo_results:
-        doc += [f"Demo teacher: the `{demo_results.get('teacher_arch')}` network trained longer "
-                f"(`{outputs / 'demo_results.json'}`), not FCN-ResNet50; data: generated, "
+        n = max(row.get("n", 1) for row in demo_results["rows"])
+        doc += [f"The table above shows each method's first seed. Over all {n} seeds "
+                f"(`{outputs / 'demo_results.json'}`, final checkpoints on the reported "
+                f"'{demo_results.get('reported_split')}' split; nothing was chosen on it):", "",
+                demo_results["table_markdown"], "",
+                f"Demo teacher: `{demo_results.get('teacher_arch')}` trained from scratch on "
+                "a generated pretraining set, not FCN-ResNet50; data: "
                 + ", ".join(f"{k} {v}" for k, v in (demo_results.get("data") or {}).items())
                 + ".", ""]
     return doc + ["Inference: median model time per image at batch 1 on the evaluation images "
@@ -254,7 +271,8 @@ def figures_section(rows, outputs, plots, out, source):
     for r in rows:
         if r["method"] == "teacher" and source == "voc":
             continue  # the pretrained teacher is not trained here
-        run = f"demo_{r['method']}" if source == "demo" else r["method"]
+        run = (demo_row(outputs, r["method"]).get("runs") or [""])[0] if source == "demo" \
+            else r["method"]
         figures = [plots / f"{run}_{kind}.png" for kind in ("loss", "miou")]
         if all(f.is_file() for f in figures):
             doc += [f"**{r['label']}**", ""] + [f"![{f.stem}]({copy_into(f, out, 'plots')})"
@@ -307,7 +325,7 @@ def speed_section(outputs, benchmark, compress_files):
                 + (f"; ONNX max abs difference {onnx:.1e}." if onnx is not None else "."),
                 "", compress["table_markdown"], ""]
     if not compress_files:
-        doc += ["not run: `python compress.py --model_path models/no_kd_best.pth`", ""]
+        doc += ["not run: `python compress.py --model_path models/no_kd_last.pth`", ""]
     return doc
 
 
@@ -322,6 +340,16 @@ def throughput_section(outputs):
             result["table_markdown"], ""]
 
 
+def sweeps_section(outputs):
+    """Every sweep.py result: its command and its table (mean ± std over seeds)."""
+    doc = ["## Sweeps (sweep.py)", ""]
+    for path in sorted(outputs.glob("sweep/*/sweep.json")):
+        sweep = read_json(path)
+        doc += [f"`{path}`, written by `{sweep['command']}`; final checkpoints scored on "
+                f"'{sweep['split']}':", "", sweep["table_markdown"], ""]
+    return doc if len(doc) > 2 else []
+
+
 def write_report(outputs, plots, out, source):
     """Write report/README.md and its figures into the (empty) folder ``out``."""
     rows, demo_results = result_rows(outputs, source)
@@ -329,7 +357,7 @@ def write_report(outputs, plots, out, source):
     compress_files = {path: read_json(path) for path in sorted(outputs.glob("compress*.json"))}
     doc = (results_section(rows, demo_results, outputs, source)
            + figures_section(rows, outputs, plots, out, source)
-           + speed_section(outputs, benchmark, compress_files))
+           + speed_section(outputs, benchmark, compress_files) + sweeps_section(outputs))
     sources = [(r["path"], r["result"]) for r in rows] + [
         (str(outputs / "benchmark.json"), benchmark),
         (str(outputs / "benchmark_throughput.json"), read_json(outputs / "benchmark_throughput.json")),

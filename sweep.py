@@ -183,7 +183,13 @@ def run_parallel(runs, folder, rerun, compute, jobs):
     process of the terminal; SIGTERM is passed on) starts no new run and lets the running
     ones save their checkpoints and exit, as each would alone."""
     context = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
-    pending, running, failures = [r for r in runs if finished(r, folder) is None], {}, {}
+    pending, running, failures = [], {}, {}
+    for run in runs:
+        done = finished(run, folder)
+        if done is None:
+            pending.append(run)
+        else:
+            print(f"{run['name']}: done before, mIoU {100 * done['miou']:.2f} (skipped)")
     with StopRequest(verbose=False) as stop:
         while pending or running:
             while pending and len(running) < jobs and not stop.requested and not failures:

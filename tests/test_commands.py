@@ -26,3 +26,18 @@ def test_every_command_line_parses_with_its_script(name):
         assert {"no_kd", "response_kd", "feature_kd", "combined_kd"} <= runs
     else:
         assert {"test_teacher.py", "evaluate.py"} <= seen
+
+
+def test_no_evaluation_scores_a_checkpoint_chosen_on_the_set_it_reports():
+    """test.txt reports VOC val: it scores each run's final checkpoint, or a best one only
+    when its training line chose it on another split (--val-split)."""
+    val_split = {a[a.index("--out") + 1]: a[a.index("--val-split") + 1] if "--val-split" in a
+                 else "val" for a in commands("train.txt") if "--out" in a}
+    scored = [a for a in commands("test.txt") if "--model_path" in a]
+    assert len(scored) >= 5  # the four students and compress.py
+    for argv in scored:
+        checkpoint = argv[argv.index("--model_path") + 1]
+        assert checkpoint.startswith("models/") and checkpoint.endswith((".pth")), argv
+        run, kind = checkpoint[len("models/"):-len(".pth")].rsplit("_", 1)
+        reported = argv[argv.index("--split") + 1] if "--split" in argv else "val"
+        assert kind == "last" or val_split[run] != reported, " ".join(argv)

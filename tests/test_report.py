@@ -72,23 +72,42 @@ def test_voc_table_numbers_come_from_their_json(tmp_path):
     assert "not run: `python benchmark.py" in markdown and "not run: `python compress.py" in markdown
 
 
-def test_demo_source_and_extra_methods(tmp_path):
+def test_demo_source_reads_the_runs_its_results_name(tmp_path):
     outputs = tmp_path / "outputs"
-    for method in ("teacher", "no_kd", "response_kd", "feature_kd", "combined_kd", "at_kd"):
-        write(outputs / "demo" / f"{method}_eval.json", fake_eval(0.5, 1298981, 10.0))
-    write(outputs / "demo_results.json", {"rows": [{"method": "no_kd", "train_seconds": 90.0}]})
+    rows = []
+    for i, method in enumerate(("teacher", "no_kd", "response_kd", "feature_kd", "combined_kd")):
+        paths = [outputs / "demo" / f"run{i}_seed{s}_eval.json" for s in (0, 1)]
+        for s, path in enumerate(paths):
+            write(path, fake_eval(0.5 + 0.01 * i + 0.001 * s, 1298981, 10.0))
+        rows.append({"method": method, "runs": [f"run{i}_seed0", f"run{i}_seed1"],
+                     "evaluations": [str(p) for p in paths], "train_seconds": 60.0 * (i + 1),
+                     "n": 2})
+    write(outputs / "at_kd_eval.json", fake_eval(0.9, 1, 1.0))  # a VOC run: not in a demo report
+    write(outputs / "demo_results.json", {"rows": rows, "reported_split": "val",
+                                          "table_markdown": "| no_kd | 51.00 ± 0.07 | 2 |"})
     (tmp_path / "plots").mkdir()
     for kind in ("loss", "miou"):
-        (tmp_path / "plots" / f"demo_no_kd_{kind}.png").write_bytes(b"png")
-    write(outputs / "benchmark.json", {"hardware": "CPU (test)", "device": "cpu", "size": 520,
-                                       "table_markdown": "| model |\n|---|\n| lite |"})
-    result, markdown = run_report(tmp_path)
+        (tmp_path / "plots" / f"run1_seed0_{kind}.png").write_bytes(b"png")
+    result, markdown = run_report(tmp_path, source="demo")
     assert result["source"] == "demo"
-    rows = parse_main_table(markdown)
-    assert set(rows) == {label for _, label in report.METHODS} | {"at_kd"}
-    assert float(rows["Without KD"][5]) == round(90.0 / 60, 1)
-    assert (tmp_path / "report" / "plots" / "demo_no_kd_loss.png").is_file()
-    assert "| lite |" in markdown
+    table = parse_main_table(markdown)
+    assert set(table) == {label for _, label in report.METHODS}
+    assert table["Without KD"][1] == report.fmt_miou(0.51)  # the first seed's evaluation
+    assert float(table["Without KD"][5]) == round(120.0 / 60, 1)
+    assert "| no_kd | 51.00 ± 0.07 | 2 |" in markdown  # every seed: the demo's own table
+    assert (tmp_path / "report" / "plots" / "run1_seed0_loss.png").is_file()
+
+
+def test_sweep_tables_come_from_their_files(tmp_path):
+    write(tmp_path / "outputs" / "benchmark.json", {"hardware": "CPU (test)", "device": "cpu",
+                                                    "size": 520, "table_markdown": "| m |"})
+    write(tmp_path / "outputs" / "sweep" / "tau" / "sweep.json", {
+        "command": "python sweep.py --name tau --tau 1 2", "split": "select",
+        "table_markdown": "| --tau | mIoU |\n|---|---|\n| 2 | 61.00 ± 1.00 |"})
+    _, markdown = run_report(tmp_path, source="voc")
+    assert "## Sweeps (sweep.py)" in markdown
+    assert "written by `python sweep.py --name tau --tau 1 2`; final checkpoints scored on 'select'" in markdown
+    assert "| 2 | 61.00 ± 1.00 |" in markdown
 
 
 def test_missing_runs_show_as_not_run_with_their_command(tmp_path):

@@ -89,3 +89,24 @@ def test_a_finished_run_is_skipped_and_other_flags_under_its_name_refused(synth_
         sweep.main(parsed(words + ["--lr", "0.5"]))
     saved = json.loads((tmp_path / "outputs/sweep/s/sweep.json").read_text())
     assert saved["rows"][0]["n"] == 1 and saved["command"].startswith("python sweep.py --name s")
+
+
+@pytest.mark.slow
+def test_runs_in_parallel_processes_compute_the_same_bits(synth_root, tmp_path):
+    """--jobs 2 trains each run in a spawned process: same flags, same thread count, same
+    checkpoint bits as one run after the other in this process."""
+    import torch
+
+    def sweep_in(work, jobs):
+        words = ["--name", "p", "--seeds", "0", "--jobs", jobs, "--alpha", "0", "0.5", "--teacher",
+                 "lite", "--teacher-weights", "none", *train_flags(
+                     synth_root, work, "--limit-train", "4", "--batch-size", "2", "--threads", "1")]
+        return sweep.main(parsed(words))
+
+    alone, parallel = sweep_in(tmp_path / "a", "1"), sweep_in(tmp_path / "b", "2")
+    assert [r["miou"] for r in alone["runs"]] == [r["miou"] for r in parallel["runs"]]
+    for run in alone["runs"]:
+        a = torch.load(tmp_path / "a/models" / f"{run['name']}_last.pth", weights_only=True)
+        b = torch.load(tmp_path / "b/models" / f"{run['name']}_last.pth", weights_only=True)
+        assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), run["name"]
+    assert len(list((tmp_path / "b/outputs/sweep/p/logs").glob("*.log"))) == 2
