@@ -70,14 +70,18 @@ def get_args_parser():
     g.add_argument("--lr", type=float, default=1e-2, help="learning rate (AdamW, poly schedule)")
     g.add_argument("--scale-range", type=float, nargs=2, default=(0.75, 1.5), metavar=("MIN", "MAX"),
                    help="training rescale range (VOC's 0.5-2.0 blurs the small generated textures)")
-    g.add_argument("--alpha", type=float, default=0.5, help="KD weight of the response runs")
-    g.add_argument("--beta", type=float, default=1.0, help="feature weight of the feature runs")
-    g.add_argument("--tau", type=float, default=1.0, help="KD temperature")
+    # chosen on 'select' by the sweeps in report/README.md#sweeps-sweeppy (docs/demo.md)
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="KD weight of the response runs (the sweep: 0.5 above 0.9 at every tau)")
+    g.add_argument("--beta", type=float, default=0.5,
+                   help="feature weight of the feature runs (the sweep: best of 0.5 to 10)")
+    g.add_argument("--tau", type=float, default=1.0,
+                   help="KD temperature (the sweep: 1 above 2 and 4)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds, each run by every method (paired)")
-    g.add_argument("--val-every", type=int, default=5, metavar="N",
-                   help="draw the 'select' curve every N epochs and after the last (validation "
-                        "is a sixth of a demo epoch; docs/benchmark.md)")
+    g.add_argument("--val-every", type=int, default=10, metavar="N",
+                   help="draw the 'select' curve every N epochs and after the last (scoring the "
+                        "150 'select' images costs about a third of an epoch; docs/benchmark.md)")
     g.add_argument("--jobs", type=int, default=2,
                    help="student runs trained at once (sweep.py --jobs), sharing the threads")
     g = parser.add_argument_group("running and output")
@@ -236,7 +240,7 @@ def results_table(rows):
     return markdown_table(
         ["Knowledge distillation", "mIoU (%) mean ± std", "n", "gain over no KD (paired, ± s.e.)",
          "# Parameters", "Inference (ms/image)"],
-        [[r["method"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}", r["n"],
+        [[r["method"], sweep.fmt_mean_std(r["mean"], r["std"], r["n"]), r["n"],
           "" if "gain" not in r or r["method"] == "no_kd"
           else f"{100 * r['gain']:+.2f} ± {100 * r['gain_se']:.2f}",
           f"{r['params']:,}", f"{r['ms_per_image']:.2f}"] for r in rows])

@@ -340,13 +340,22 @@ def throughput_section(outputs):
             result["table_markdown"], ""]
 
 
-def sweeps_section(outputs):
-    """Every sweep.py result: its command and its table (mean ± std over seeds)."""
+def sweeps_section(outputs, plots, out):
+    """Every sweep.py result: its command and table (mean ± std over seeds), its JSON and plot
+    copied into the report, so the evidence behind a setting stays in the repository."""
     doc = ["## Sweeps (sweep.py)", ""]
     for path in sorted(outputs.glob("sweep/*/sweep.json")):
         sweep = read_json(path)
-        doc += [f"`{path}`, written by `{sweep['command']}`; final checkpoints scored on "
+        name = path.parent.name
+        saved = out / "sweeps" / f"{name}.json"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, saved)
+        doc += [f"### {name}", "", f"[`sweeps/{name}.json`](sweeps/{name}.json) (from `{path}`), "
+                f"written by `{sweep['command']}`; final checkpoints scored on "
                 f"'{sweep['split']}':", "", sweep["table_markdown"], ""]
+        plot = plots / f"{name}_sweep.png"
+        if plot.is_file():
+            doc += [f"![{name}]({copy_into(plot, out, 'sweeps')})", ""]
     return doc if len(doc) > 2 else []
 
 
@@ -357,7 +366,8 @@ def write_report(outputs, plots, out, source):
     compress_files = {path: read_json(path) for path in sorted(outputs.glob("compress*.json"))}
     doc = (results_section(rows, demo_results, outputs, source)
            + figures_section(rows, outputs, plots, out, source)
-           + speed_section(outputs, benchmark, compress_files) + sweeps_section(outputs))
+           + speed_section(outputs, benchmark, compress_files)
+           + sweeps_section(outputs, plots, out))
     sources = [(r["path"], r["result"]) for r in rows] + [
         (str(outputs / "benchmark.json"), benchmark),
         (str(outputs / "benchmark_throughput.json"), read_json(outputs / "benchmark_throughput.json")),

@@ -191,7 +191,8 @@ def run_parallel(runs, folder, rerun, compute, jobs):
         else:
             print(f"{run['name']}: done before, mIoU {100 * done['miou']:.2f} (skipped)")
     with StopRequest(verbose=False) as stop:
-        while pending or running:
+        # after a stop or a failure no run starts, so only the running ones are waited for
+        while running or (pending and not stop.requested and not failures):
             while pending and len(running) < jobs and not stop.requested and not failures:
                 run = pending.pop(0)
                 log = Path(folder) / "logs" / f"{run['name']}.log"
@@ -221,6 +222,11 @@ def mean_std(values):
     """(mean, sample standard deviation, n); the std of one value is 0."""
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def fmt_mean_std(mean, std, n):
+    """'mean ± std' in percent; one run has no spread to show."""
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
 
 
 def aggregate(results):
@@ -259,7 +265,7 @@ def table(rows, axes):
     return markdown_table(
         [axes[n][0] for n in names] + ["mIoU mean ± std (%)", "n", "seeds"],
         [[row["setting"][n] for n in names]
-         + [f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}", row["n"],
+         + [fmt_mean_std(row["mean"], row["std"], row["n"]), row["n"],
             " ".join(str(x["seed"]) for x in row["runs"])] for row in rows])
 
 

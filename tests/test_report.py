@@ -108,6 +108,10 @@ def test_sweep_tables_come_from_their_files(tmp_path):
     assert "## Sweeps (sweep.py)" in markdown
     assert "written by `python sweep.py --name tau --tau 1 2`; final checkpoints scored on 'select'" in markdown
     assert "| 2 | 61.00 ± 1.00 |" in markdown
+    # the result file travels with the report, so the table's evidence stays in the repo
+    saved = tmp_path / "report" / "sweeps" / "tau.json"
+    assert json.loads(saved.read_text())["command"] == "python sweep.py --name tau --tau 1 2"
+    assert "(sweeps/tau.json)" in markdown
 
 
 def test_missing_runs_show_as_not_run_with_their_command(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import sweep
 import train_kd
 from conftest import train_flags
-from utils import UserError
+from utils import REPO_DIR, UserError
 
 
 def parsed(words):
@@ -57,6 +57,8 @@ def test_aggregate_gives_mean_and_sample_std_best_first():
     # 0.5; deviations -0.1, -0.1, 0.2: sqrt(0.06 / 2)
     assert rows[1]["mean"] == pytest.approx(0.5) and rows[1]["std"] == pytest.approx(math.sqrt(0.03))
     assert rows[0]["n"] == rows[1]["n"] == 3
+    assert sweep.fmt_mean_std(rows[0]["mean"], rows[0]["std"], 3) == "60.00 ± 10.00"
+    assert sweep.fmt_mean_std(0.8206, 0.0, 1) == "82.06"  # one run has no spread to show
 
 
 def test_paired_gains_are_per_seed_differences_with_their_standard_error():
@@ -110,3 +112,21 @@ def test_runs_in_parallel_processes_compute_the_same_bits(synth_root, tmp_path):
         b = torch.load(tmp_path / "b/models" / f"{run['name']}_last.pth", weights_only=True)
         assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), run["name"]
     assert len(list((tmp_path / "b/outputs/sweep/p/logs").glob("*.log"))) == 2
+
+
+def test_a_failed_run_ends_a_parallel_sweep_with_runs_still_waiting(tmp_path):
+    """With --jobs, a failure (or a stop) starts no new run; the sweep must still end once
+    the running ones have, not wait forever on the runs it will not start."""
+    import subprocess
+    import sys
+    command = [sys.executable, "sweep.py", "--name", "f", "--seeds", "0", "1", "2", "--jobs", "2",
+               "--data-root", str(tmp_path / "no_voc_here"), "--no-download", "--threads", "1",
+               "--model-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "outputs"),
+               "--plot-dir", str(tmp_path / "plots")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          cwd=REPO_DIR)
+    assert done.returncode == 2, done.stderr
+    assert "sweep stopped; to finish it" in done.stderr
+    logs = sorted((tmp_path / "outputs/sweep/f/logs").glob("*.log"))
+    assert len(logs) == 2  # the third run was never started
+    assert "error:" in logs[0].read_text()

@@ -48,9 +48,10 @@ def test_the_demo_settings_are_demo_py_s():
     import demo
     defaults = demo.get_args_parser().parse_args([])
     s = throughput.SIZES["demo"]
+    # the demo's students validate on its 'select' split
     assert (defaults.size, defaults.crop_size, tuple(defaults.scale_range), defaults.train,
-            defaults.val, defaults.val_every) == (s["size"], s["crop"], s["scale"], s["train"],
-                                                  s["val"], s["val_every"])
+            defaults.select, defaults.val_every) == (s["size"], s["crop"], s["scale"], s["train"],
+                                                     s["val"], s["val_every"])
 
 
 def test_throughput_tables_show_each_number_with_its_target():
