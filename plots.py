@@ -60,7 +60,9 @@ def bar_chart(labels, means, errors, path, title, ylabel, grey=()):
     colors = ["#888888" if label in grey else "#4C72B0" for label in labels]
     ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color=colors)
     for i, (m, e) in enumerate(zip(means, errors)):
-        ax.text(i, m + (e or 0), f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        # 4 points above the error bar's cap, so the number never sits on the cap's line
+        ax.annotate(f"{m:.1f}", (i, m + (e or 0)), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 5 else 0, ha="right"
                   if len(labels) > 5 else "center", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
