@@ -119,11 +119,12 @@ def make_data(args):
     return trees, settings
 
 
-def compute_argv(args):
+def compute_argv(args, threads=None):
     """One device, worker and thread count for every run, chosen once at the start, so that
     the runs are comparable and a rerun computes the same bits. Like display_argv, never part
     of a run's name."""
-    return ["--device", args.device, "--workers", str(args.workers), "--threads", str(args.threads)]
+    return ["--device", args.device, "--workers", str(args.workers),
+            "--threads", str(threads or args.threads)]
 
 
 def display_argv(args):
@@ -133,11 +134,10 @@ def display_argv(args):
 
 def common_argv(args):
     """The training flags every run shares."""
-    argv = ["--batch-size", str(args.batch_size), "--crop-size", str(args.crop_size),
+    return ["--batch-size", str(args.batch_size), "--crop-size", str(args.crop_size),
             "--lr", str(args.lr), "--scale-range", *map(str, args.scale_range),
             "--no-pretrained-backbone", "--no-download", "--model-dir", args.model_dir,
             "--output-dir", args.output_dir, "--plot-dir", args.plot_dir]
-    return argv
 
 
 def rerun_hint():
@@ -172,10 +172,9 @@ def train_students(args, trees, settings, teacher):
         "--tau", str(args.tau), "--val-every", str(args.val_every),
         "--alpha", "0", str(args.alpha), "--beta", "0", str(args.beta)]
     name = f"{args.prefix}_students_{key(settings, str(teacher), argv)}"
-    threads = ["--threads", str(max(1, args.threads // args.jobs))]
-    argv = ["--name", name, "--seeds", *map(str, args.seeds), "--jobs", str(args.jobs),
-            "--device", args.device, "--workers", str(args.workers)] + threads + display_argv(
-                args) + argv
+    argv = (["--name", name, "--seeds", *map(str, args.seeds), "--jobs", str(args.jobs)]
+            + compute_argv(args, threads=max(1, args.threads // args.jobs))  # a share per job
+            + display_argv(args) + argv)
     print(f"\n$ python sweep.py {shlex.join(argv)}")
     return sweep.main(sweep.get_args_parser().parse_args(argv), rerun=rerun_hint())
 
@@ -202,7 +201,7 @@ def teacher_row(args, trees, teacher):
             "evaluation": str(path), "train_seconds": summary["train_seconds_total"]}
 
 
-def method_of(setting, args):
+def method_of(setting):
     return METHODS[(float(setting["alpha"]) > 0, float(setting["beta"]) > 0)]
 
 
@@ -211,7 +210,7 @@ def score_students(args, trees, students):
     scored = {}
     folder = Path(args.output_dir) / args.prefix / students["name"]
     for run in sorted(students["runs"], key=lambda r: r["seed"]):
-        method = method_of(run["setting"], args)
+        method = method_of(run["setting"])
         first = run["seed"] == args.seeds[0]
         result = score(args, run["checkpoint"], trees["students"],
                        folder / f"{run['name']}_eval.json", visualize=first and method == "combined_kd")
@@ -231,11 +230,11 @@ def method_rows(teacher_result, scored):
     base = {r["seed"]: r["miou"] for r in scored["no_kd"]}
     for method in METHODS.values():
         runs = scored[method]
-        gain, gain_std, n = sweep.mean_std([r["miou"] - base[r["seed"]] for r in runs])
+        gain, gain_se, _ = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
         rows.append({"method": method, "mious": [r["miou"] for r in runs],
                      "seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
                      "ms_per_image": sorted(r["ms_per_image"] for r in runs)[len(runs) // 2],
-                     "gain": gain, "gain_se": gain_std / n ** 0.5,
+                     "gain": gain, "gain_se": gain_se,
                      "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
                      "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)})
     for row in rows:

@@ -241,19 +241,20 @@ def aggregate(results):
     return sorted(rows.values(), key=lambda row: -row["mean"])
 
 
+def paired_gain(mious, base):
+    """(mean, standard error, n) of the per-seed differences ``mious[s] - base[s]`` over the
+    seeds both ran ({seed: mIoU} each): a method against a baseline, seed by seed."""
+    mean, std, n = mean_std([mious[s] - base[s] for s in sorted(mious) if s in base])
+    return mean, std / math.sqrt(n), n
+
+
 def paired_gains(results, baseline):
-    """{setting label: (mean, standard error, n)} of the per-seed differences in mIoU between
-    each setting and ``baseline`` (a setting dict), over the seeds both ran."""
+    """{setting label: (mean, standard error, n)}: paired_gain of each setting against
+    ``baseline`` (a setting dict)."""
     by = {}
     for r in results:
         by.setdefault(label(r["setting"]), {})[r["seed"]] = r["miou"]
-    base = by[label(baseline)]
-    gains = {}
-    for name, seeds in by.items():
-        diffs = [seeds[s] - base[s] for s in sorted(seeds) if s in base]
-        mean, std, n = mean_std(diffs)
-        gains[name] = (mean, std / math.sqrt(n), n)
-    return gains
+    return {name: paired_gain(seeds, by[label(baseline)]) for name, seeds in by.items()}
 
 
 def label(setting):
