@@ -230,11 +230,11 @@ def method_rows(teacher_result, scored):
     base = {r["seed"]: r["miou"] for r in scored["no_kd"]}
     for method in METHODS.values():
         runs = scored[method]
-        gain, gain_se, _ = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
+        gain, gain_se, pairs = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
         rows.append({"method": method, "mious": [r["miou"] for r in runs],
                      "seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
                      "ms_per_image": sorted(r["ms_per_image"] for r in runs)[len(runs) // 2],
-                     "gain": gain, "gain_se": gain_se,
+                     "gain": gain, "gain_se": gain_se, "gain_n": pairs,
                      "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
                      "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)})
     for row in rows:
@@ -248,7 +248,7 @@ def results_table(rows):
          "# Parameters", "Inference (ms/image)"],
         [[r["method"], sweep.fmt_mean_std(r["mean"], r["std"], r["n"]), r["n"],
           "" if "gain" not in r or r["method"] == "no_kd"
-          else f"{100 * r['gain']:+.2f} ± {100 * r['gain_se']:.2f}",
+          else sweep.fmt_gain(r["gain"], r["gain_se"], r["gain_n"]),
           f"{r['params']:,}", f"{r['ms_per_image']:.2f}"] for r in rows])
 
 

@@ -71,14 +71,7 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, targets = to_model_input(images, targets, device)
         with autocast:
-            if not times:
-                for _ in range(warmup):
-                    logits_of(model(images))
-            synchronize(device)
-            start = time.perf_counter()
-            logits = logits_of(model(images))
-            synchronize(device)
-        elapsed = time.perf_counter() - start
+            logits, elapsed = timed_logits(model, images, device, 0 if times else warmup)
         times.append(elapsed / images.shape[0])
         model_seconds += elapsed
         if logits.shape[-2:] != targets.shape[-2:]:
@@ -88,15 +81,45 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         confmat += confusion_matrix(preds, targets, num_classes, IGNORE_INDEX)
         index += images.shape[0]
         if per_image:
-            for pred, target in zip(preds, targets):
-                cm = confusion_matrix(pred, target, num_classes, IGNORE_INDEX).cpu()
-                per_image_scores.append((scores_from_confusion(cm)["miou"],
-                                         int((cm.sum(1) > 0).sum())))
+            per_image_scores += image_scores(preds, targets, num_classes)
     confmat = confmat.cpu()
     if reduce is not None:
         confmat = reduce(confmat)
         index = int(reduce(torch.tensor(index)))
+    results = evaluation_results(confmat, index, times, model_seconds)
+    if per_image:
+        results["per_image_miou"] = nan_to_none([m for m, _ in per_image_scores])
+        # the classes in each image's ground truth (evaluate.py's gallery skips
+        # background-only images)
+        results["per_image_gt_classes"] = [n for _, n in per_image_scores]
+    return results
+
+
+def timed_logits(model, images, device, warmup):
+    """(logits, seconds) of one model call, timed between device synchronisations (CUDA and
+    MPS run asynchronously), after ``warmup`` untimed calls that warm the kernels up."""
+    for _ in range(warmup):
+        logits_of(model(images))
+    synchronize(device)
+    start = time.perf_counter()
+    logits = logits_of(model(images))
+    synchronize(device)
+    return logits, time.perf_counter() - start
+
+
+def image_scores(preds, targets, num_classes):
+    """[(mIoU, number of ground-truth classes)] of each image of a batch."""
+    scores = []
+    for pred, target in zip(preds, targets):
+        cm = confusion_matrix(pred, target, num_classes, IGNORE_INDEX).cpu()
+        scores.append((scores_from_confusion(cm)["miou"], int((cm.sum(1) > 0).sum())))
+    return scores
+
+
+def evaluation_results(confmat, num_images, times, model_seconds):
+    """``evaluate``'s dict from the summed confusion matrix and the per-image model times."""
     scores = scores_from_confusion(confmat)
+    num_classes = confmat.shape[0]
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else [str(i) for i in range(num_classes)]
     ms = 1000 * statistics.median(times) if times else float("nan")
     return {
@@ -104,15 +127,11 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         "pixel_accuracy": scores["pixel_accuracy"],
         "mean_class_accuracy": scores["mean_class_accuracy"],
         "per_class_iou": dict(zip(names, nan_to_none(scores["per_class_iou"]))),
-        "num_images": index,
+        "num_images": num_images,
         "ms_per_image": ms,
         "fps": 1000 / ms if times else float("nan"),
         "model_seconds": model_seconds,
         "confusion_matrix": confmat.tolist(),
-        **({"per_image_miou": nan_to_none([m for m, _ in per_image_scores]),
-            # the classes in each image's ground truth (evaluate.py's gallery skips
-            # background-only images)
-            "per_image_gt_classes": [n for _, n in per_image_scores]} if per_image else {}),
     }
 
 

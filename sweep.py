@@ -229,6 +229,11 @@ def fmt_mean_std(mean, std, n):
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
 
 
+def fmt_gain(mean, se, n):
+    """'+mean ± standard error' in points; one pair has no standard error to show."""
+    return f"{100 * mean:+.2f} ± {100 * se:.2f}" if n > 1 else f"{100 * mean:+.2f}"
+
+
 def aggregate(results):
     """One row per setting: mean, std and n of its runs' mIoU, best mean first."""
     rows = {}

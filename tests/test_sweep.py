@@ -67,6 +67,8 @@ def test_paired_gains_are_per_seed_differences_with_their_standard_error():
     # differences 0.1, 0.2, 0.0: mean 0.1, sample std 0.1, standard error 0.1 / sqrt(3)
     assert (mean, se, n) == (pytest.approx(0.1), pytest.approx(0.1 / math.sqrt(3)), 3)
     assert gains["alpha=0"] == (0.0, 0.0, 3)
+    assert sweep.fmt_gain(mean, se, n) == "+10.00 ± 5.77"
+    assert sweep.fmt_gain(-0.0211, 0.0, 1) == "-2.11"  # one pair has no standard error to show
 
 
 def test_a_finished_run_is_skipped_and_other_flags_under_its_name_refused(synth_root, tmp_path,
