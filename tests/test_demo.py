@@ -16,13 +16,13 @@ import train_kd
 pytestmark = pytest.mark.slow
 TINY = ["--train", "8", "--val", "4", "--select", "4", "--pretrain", "8", "--size", "40",
         "--teacher-epochs", "1", "--epochs", "2", "--batch-size", "4", "--crop-size", "40",
-        "--seeds", "0", "1", "--val-every", "1", "--threads", "2", "--jobs", "1", "--no-progress"]
+        "--seeds", "0", "1", "--val-every", "1", "--threads", "2", "--jobs", "1"]
 
 
 def run_demo(work, progress=False):
     work = Path(work)
-    return demo.main(demo.get_args_parser().parse_args(TINY[:-1] + ["--no-progress"] * (
-        not progress) + [
+    display = [] if progress else ["--no-progress"]
+    return demo.main(demo.get_args_parser().parse_args(TINY + display + [
         "--root", str(work / "data"), "--model-dir", str(work / "models"),
         "--output-dir", str(work / "outputs"), "--plot-dir", str(work / "plots")]))
 
