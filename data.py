@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
@@ -168,52 +168,89 @@ class EpochSampler(torch.utils.data.Sampler):
 
 # --------------------------------------------------------------------------- transforms
 
-class RandomScale:
-    """Rescale image and mask by one random factor in [min_scale, max_scale].
+class ScaleCropFlip:
+    """Random scale, pad (image 0, mask 255) to the crop, random crop, random horizontal flip.
 
-    The mask uses NEAREST so labels are never blended into classes that are not there.
+    The same random draws and the same pixels as ``v2.Compose`` of a random resize
+    (bilinear image, nearest mask), ``v2.RandomCrop(pad_if_needed=True)`` and
+    ``v2.RandomHorizontalFlip()`` (tests/test_data.py holds them equal), in less time, which
+    VOC-size loading needs (docs/benchmark.md):
+
+    - the mask is never resized whole: its nearest pixels inside the crop are gathered from
+      the file's mask, the flip folded into the column order;
+    - the image is resized whole (torch's fixed-point bilinear weights depend on the whole
+      output, so resizing only the crop would change bits), then cut and flipped with at
+      most one copy, and only the crop's share of the padding is filled.
+
+    Every draw is torch's, so ``--seed`` and ``EpochSampler`` control them.
     """
 
-    def __init__(self, min_scale=0.5, max_scale=2.0):
-        self.min_scale, self.max_scale = min_scale, max_scale
+    def __init__(self, crop_size=480, scale=(0.5, 2.0), hflip=True):
+        self.crop = v2.RandomCrop(crop_size, pad_if_needed=True)  # draws the window as v2 does
+        self.min_scale, self.max_scale = scale
+        self.hflip = hflip
 
     def __call__(self, image, mask):
-        # torch's RNG, so DataLoader workers and --seed control it
         s = self.min_scale + (self.max_scale - self.min_scale) * torch.rand(()).item()
         h, w = image.shape[-2:]
         size = [max(1, round(h * s)), max(1, round(w * s))]
         image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        return image, resize_nearest(mask, size)
+        window = self.crop.make_params([image])
+        flip = self.hflip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's draw (p 0.5)
+        out, src = crop_slices(window, size, flip)
+        shape = (window["height"], window["width"])
+
+        region = image.as_subclass(torch.Tensor)[:, src[0], src[1]]
+        out_image = place(region.flip(-1) if flip else region, shape, out, 0)
+        rows, cols = nearest_sources(h, size[0])[src[0]], nearest_sources(w, size[1])[src[1]]
+        region = mask.numpy()[rows][:, cols[::-1] if flip else cols]  # 6x faster than np.ix_
+        out_mask = place(torch.from_numpy(region), shape, out, IGNORE_INDEX)
+        return tv_tensors.Image(out_image), tv_tensors.Mask(out_mask)
 
 
-def resize_nearest(mask, size):
-    """``F.resize(mask, size, NEAREST)``, the same pixels, about 4x faster: torch's nearest
-    kernel is slow on uint8; this gathers rows and columns with numpy instead. The source
-    index is torch's own rule, min(floor(dst * (in / out)), in - 1) in float32."""
-    def sources(n_in, n_out):
-        scale = np.float32(n_in) / np.float32(n_out)
-        index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-        return np.minimum(index, n_in - 1)
+def crop_slices(window, size, flip):
+    """Where ``v2.RandomCrop``'s ``window`` (its ``make_params``) meets an image of ``size``
+    (HxW), then flipped if ``flip``: ((rows, cols) of the crop, (rows, cols) of the image)."""
+    out, src = [], []
+    for start, pad, length, n in ((window["top"], window["padding"][1], window["height"], size[0]),
+                                  (window["left"], window["padding"][0], window["width"], size[1])):
+        # the crop's pixels that fall on the image (the rest is padding)
+        first, end = max(0, pad - start), min(length, n + pad - start)
+        out.append(slice(first, end))
+        src.append(slice(start - pad + first, start - pad + end))
+    if flip:
+        out[1] = slice(window["width"] - out[1].stop, window["width"] - out[1].start)
+    return out, src
 
-    array = mask.numpy()
-    rows, cols = sources(array.shape[0], size[0]), sources(array.shape[1], size[1])
-    return tv_tensors.Mask(torch.from_numpy(array[rows][:, cols]))
+
+def place(region, shape, where, fill):
+    """``region`` at ``where`` (rows, cols) of a ``shape`` canvas of ``fill``; the region
+    itself when it covers the canvas (no copy)."""
+    if tuple(region.shape[-2:]) == tuple(shape):
+        return region
+    if region.dim() == 3:  # an image: channels-last, as the decoder and the resize give it
+        canvas = region.new_full((*shape, region.shape[0]), fill).permute(2, 0, 1)
+    else:
+        canvas = region.new_full(shape, fill)
+    canvas[..., where[0], where[1]] = region
+    return canvas
+
+
+def nearest_sources(n_in, n_out):
+    """The source pixel of each of ``n_out`` pixels when ``F.resize(NEAREST)`` maps ``n_in``
+    to ``n_out``: torch's rule, min(floor(dst * (in / out)), in - 1) in float32."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(index, n_in - 1)
 
 
 def train_transforms(crop_size=480, scale=(0.5, 2.0), hflip=True):
-    """Random scale, pad (image 0, mask 255) to the crop, random crop, flip.
+    """Random scale, pad to the crop, random crop, flip (``ScaleCropFlip``).
 
     Images and masks stay uint8: the workers send a quarter of float32's bytes (an eighth
     of int64's for masks), and ``to_model_input`` normalises the batch on the device.
     """
-    steps = [
-        RandomScale(*scale),
-        v2.RandomCrop(crop_size, pad_if_needed=True,
-                      fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-    ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+    return ScaleCropFlip(crop_size, scale, hflip)
 
 
 def eval_transforms():
@@ -229,7 +266,8 @@ def to_model_input(images, masks=None, device="cpu"):
     int64 class indices. Returns the images, or (images, masks) when masks are given."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image batch from data.py's datasets, got {images.dtype}")
-    images = images.to(device, non_blocking=True).as_subclass(torch.Tensor)
+    # channels-last from the loader (collate_pairs): contiguous on the device, where it is cheap
+    images = images.to(device, non_blocking=True).as_subclass(torch.Tensor).contiguous()
     images = F.normalize(F.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
     if masks is None:
         return images
@@ -447,10 +485,20 @@ def eval_loader(root, limit=None, workers=0, download=True, split="val", rank=0,
                   workers=workers, pin_memory=pin_memory)
 
 
+def collate_pairs(batch):
+    """``default_collate`` of (image, mask) pairs, the images stacked channels-last (NHWC
+    memory, NCHW shape): the decoder and the resize give them so, and a channels-last stack
+    copies whole rows, where an NCHW one transposes every pixel (0.25 ms an image at 480 px,
+    in the worker); ``to_model_input`` makes them contiguous on the device."""
+    images = default_collate([image.permute(1, 2, 0) for image, _ in batch])
+    return images.permute(0, 3, 1, 2), default_collate([mask for _, mask in batch])
+
+
 def loader(dataset, batch_size, sampler, workers, pin_memory=False, drop_last=False):
-    """A DataLoader whose workers persist across epochs and leave Ctrl-C to the main
-    process (``WorkerSafeLoader``)."""
+    """A DataLoader of (image, mask) batches whose workers persist across epochs and leave
+    Ctrl-C to the main process (``WorkerSafeLoader``)."""
     return WorkerSafeLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            collate_fn=collate_pairs,
                             num_workers=workers, persistent_workers=workers > 0,
                             drop_last=drop_last, pin_memory=pin_memory,
                             worker_init_fn=quiet_worker,

@@ -4,7 +4,7 @@
   (``data.loader`` with ``data.EpochSampler``), for VOC-size images (about 440 px JPEGs,
   crop 480, scale 0.5-2) and demo-size ones (about 96 px, crop 96, scale 0.75-1.5), with 0,
   1 and 2 workers; the first epoch starts the workers and is not timed, the fastest of the
-  next three counts;
+  next ten counts;
 - step: ``engine.train_one_epoch`` images/s at the demo's settings (lite student, batch 8,
   96 px crops, no workers), next to a bare loop of forward, CE, backward and AdamW on one
   in-memory batch, for no KD, response KD and response + feature KD (a random lite
@@ -55,10 +55,11 @@ def make_trees(folder):
     return roots
 
 
-def loader_rate(root, setting, workers, batch=8, timed=3):
+def loader_rate(root, setting, workers, batch=8, timed=10):
     """Training images/s of the real loader: the fastest of ``timed`` epochs after one that
     starts the workers. The fastest, as timeit advises: on a shared machine other programs
-    only ever add time, and one short epoch of 48 images can lose a third to them."""
+    only ever add time, and one short epoch of 48 images can lose a third to them; ten of
+    them (about 2 s at VOC size) outlast a neighbour's burst that three did not."""
     ds = build_dataset(root, "train", crop_size=setting["crop"], download=False,
                        scale=setting["scale"])
     sampler = EpochSampler(len(ds))

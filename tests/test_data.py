@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
+from torch.utils.data import default_collate
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
@@ -130,6 +131,24 @@ def test_device_normalisation_equals_the_per_image_transforms_bit_for_bit():
         to_model_input(images)  # normalising twice would go unnoticed otherwise
 
 
+def test_loader_batches_are_channels_last_and_reach_the_model_as_default_collate_would(synth_root):
+    """collate_pairs stacks the images channels-last (no transpose in the worker); the
+    values, and what to_model_input hands the network (contiguous NCHW), must be those of
+    torch's default_collate, padded crops (canvas) and unpadded ones (views) alike."""
+    torch.manual_seed(0)
+    transform = train_transforms(crop_size=80)  # the generated images are 64 px: some crops padded
+    ds = build_dataset(synth_root, "train", download=False, transforms=transform)
+    samples = [ds[i] for i in range(len(ds))]
+    images, masks = data.collate_pairs(samples)
+    ref_images, ref_masks = default_collate(samples)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images, ref_images) and torch.equal(masks, ref_masks)
+    model_input, targets = to_model_input(images, masks)
+    ref_input, ref_targets = to_model_input(ref_images, ref_masks)
+    assert model_input.is_contiguous()  # CPU convolutions give other bits on channels-last input
+    assert torch.equal(model_input, ref_input) and torch.equal(targets, ref_targets)
+
+
 def test_ignore_label_never_becomes_a_class_and_padding_is_ignore():
     torch.manual_seed(1)
     image, mask = _coded_pair(40, 50)
@@ -188,19 +207,59 @@ def test_mask_label_outside_classes_names_file_and_value(synth_copy):
     assert int(build_dataset(synth_copy, "val", download=False)[0][1][0, 0]) == 20
 
 
-def test_fast_nearest_resize_equals_torchvision_for_any_size():
-    """RandomScale's mask resize gathers with numpy; it must pick the very pixels that
-    F.resize(NEAREST) picks, or image and mask would drift apart by a pixel."""
+def _torchvision_train_transforms(crop_size, scale, hflip):
+    """The training augmentation built from torchvision alone: what ``ScaleCropFlip``
+    must reproduce, draw for draw and pixel for pixel."""
+    def random_scale(image, mask):
+        s = scale[0] + (scale[1] - scale[0]) * torch.rand(()).item()
+        size = [max(1, round(n * s)) for n in image.shape[-2:]]
+        return (F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                F.resize(mask, size, interpolation=InterpolationMode.NEAREST))
+    steps = [random_scale, v2.RandomCrop(crop_size, pad_if_needed=True,
+                                         fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
+    return v2.Compose(steps + [v2.RandomHorizontalFlip()] * hflip)
+
+
+def test_train_transforms_equal_torchvision_v2_bit_for_bit():
+    """ScaleCropFlip gathers the mask's crop without resizing it whole and pads only the
+    crop; it must give the very pixels, and leave the very random state, of torchvision's
+    resize + RandomCrop(pad_if_needed) + RandomHorizontalFlip, or training results move."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(int(h), int(w), int(c)) for h, w, c in torch.randint(1, 300, (150, 3), generator=g)]
+    sizes += [(440, 7, 480), (441, 441, 480), (500, 250, 480), (333, 480, 480)]  # VOC-like
+    for trial, (h, w, crop) in enumerate(sizes):
+        scale, hflip = ((0.5, 2.0), (0.75, 1.5))[trial % 2], trial % 3 > 0
+        image = tv_tensors.Image(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8,
+                                               generator=g).permute(2, 0, 1))  # as load_image
+        mask = tv_tensors.Mask(torch.randint(0, 256, (h, w), dtype=torch.uint8, generator=g))
+        results = []
+        for transform in (_torchvision_train_transforms(crop, scale, hflip),
+                          train_transforms(crop, scale, hflip)):
+            torch.manual_seed(trial)
+            results.append((*transform(image, mask), torch.get_rng_state()))
+        (ref_image, ref_mask, ref_state), (out_image, out_mask, out_state) = results
+        assert torch.equal(out_image, ref_image) and torch.equal(out_mask, ref_mask), (h, w, crop)
+        assert torch.equal(out_state, ref_state), (h, w, crop)  # the same draws
+        assert isinstance(out_image, tv_tensors.Image) and isinstance(out_mask, tv_tensors.Mask)
+
+
+NEAREST = InterpolationMode.NEAREST
+
+
+def test_nearest_sources_pick_the_pixels_torchvision_picks_for_any_size():
+    """ScaleCropFlip gathers the mask through nearest_sources; it must pick the very pixels
+    that F.resize(NEAREST) picks, or image and mask would drift apart by a pixel."""
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         h, w, out_h, out_w = (int(v) for v in torch.randint(1, 700, (4,), generator=g))
-        mask = tv_tensors.Mask(torch.randint(0, 256, (h, w), dtype=torch.uint8, generator=g))
-        expected = F.resize(mask, [out_h, out_w], interpolation=InterpolationMode.NEAREST)
-        assert torch.equal(data.resize_nearest(mask, [out_h, out_w]), expected), (h, w, out_h, out_w)
+        mask = torch.randint(0, 256, (h, w), dtype=torch.uint8, generator=g)
+        expected = F.resize(tv_tensors.Mask(mask), [out_h, out_w], interpolation=NEAREST)
+        gathered = mask[data.nearest_sources(h, out_h)][:, data.nearest_sources(w, out_w)]
+        assert torch.equal(gathered, expected), (h, w, out_h, out_w)
     for h, out_h in ((440, 880), (441, 441), (500, 250), (333, 1000)):  # torch's special cases
-        mask = tv_tensors.Mask(torch.randint(0, 256, (h, 7), dtype=torch.uint8, generator=g))
-        expected = F.resize(mask, [out_h, 7], interpolation=InterpolationMode.NEAREST)
-        assert torch.equal(data.resize_nearest(mask, [out_h, 7]), expected)
+        mask = torch.randint(0, 256, (h, 7), dtype=torch.uint8, generator=g)
+        expected = F.resize(tv_tensors.Mask(mask), [out_h, 7], interpolation=NEAREST)
+        assert torch.equal(mask[data.nearest_sources(h, out_h)], expected)
 
 
 def test_rgb_mask_is_refused(synth_copy):
