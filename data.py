@@ -488,8 +488,8 @@ def eval_loader(root, limit=None, workers=0, download=True, split="val", rank=0,
 def collate_pairs(batch):
     """``default_collate`` of (image, mask) pairs, the images stacked channels-last (NHWC
     memory, NCHW shape): the decoder and the resize give them so, and a channels-last stack
-    copies whole rows, where an NCHW one transposes every pixel (0.25 ms an image at 480 px,
-    in the worker); ``to_model_input`` makes them contiguous on the device."""
+    copies whole rows, where an NCHW one transposes every pixel (0.15 against 0.33 ms an
+    image at 480 px); ``to_model_input`` makes them contiguous on the device."""
     images = default_collate([image.permute(1, 2, 0) for image, _ in batch])
     return images.permute(0, 3, 1, 2), default_collate([mask for _, mask in batch])
 

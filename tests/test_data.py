@@ -19,6 +19,8 @@ from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset, to_m
                   train_transforms)
 from utils import UserError
 
+NEAREST = InterpolationMode.NEAREST
+
 
 def denormalise(image):
     """``data.to_model_input``'s output for one uint8 image, back on the 0-1 scale."""
@@ -214,7 +216,7 @@ def _torchvision_train_transforms(crop_size, scale, hflip):
         s = scale[0] + (scale[1] - scale[0]) * torch.rand(()).item()
         size = [max(1, round(n * s)) for n in image.shape[-2:]]
         return (F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True),
-                F.resize(mask, size, interpolation=InterpolationMode.NEAREST))
+                F.resize(mask, size, interpolation=NEAREST))
     steps = [random_scale, v2.RandomCrop(crop_size, pad_if_needed=True,
                                          fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] * hflip)
@@ -241,9 +243,6 @@ def test_train_transforms_equal_torchvision_v2_bit_for_bit():
         assert torch.equal(out_image, ref_image) and torch.equal(out_mask, ref_mask), (h, w, crop)
         assert torch.equal(out_state, ref_state), (h, w, crop)  # the same draws
         assert isinstance(out_image, tv_tensors.Image) and isinstance(out_mask, tv_tensors.Mask)
-
-
-NEAREST = InterpolationMode.NEAREST
 
 
 def test_nearest_sources_pick_the_pixels_torchvision_picks_for_any_size():
