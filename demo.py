@@ -19,9 +19,10 @@ images would know little that their labels do not already teach.
 3. trains the students with sweep.py: alpha in {0, --alpha} x beta in {0, --beta} (no KD,
    response KD, feature KD, both), each with every seed of --seeds; a seed gives every
    method the same initialisation and data order (paired);
-4. scores every final checkpoint (never a "best" one) on `val` with evaluate.py, and prints
-   and saves the table: mean +- std over seeds, n, and each method's gain over no KD as the
-   mean of the paired per-seed differences with its standard error.
+4. names the KD method expected to help most, chosen on `select`; then scores every final
+   checkpoint (never a "best" one) on `val` with evaluate.py, and prints and saves the table:
+   mean +- std over seeds, n, and each method's paired gain over no KD with its 95% Student's
+   t interval and verdict ("helps" only when all of the interval lies above 0).
 
 Stopped (Ctrl-C), the same command continues: finished runs are skipped and the interrupted
 one resumes where it stopped. Results: outputs/PREFIX_results.json, plots/PREFIX_comparison.png.
@@ -37,7 +38,7 @@ import evaluate
 import sweep
 import train_kd
 from data import write_synth_voc
-from plots import bar_chart
+from plots import comparison_chart
 from utils import (HelpFormatter, UserError, add_compute_flags, device_name, markdown_table,
                    resolve_device, run_cli, save_json, set_compute_resources)
 
@@ -220,9 +221,21 @@ def score_students(args, trees, students):
     return scored
 
 
+def expected_best(students):
+    """The KD method expected to help most, chosen on 'select' before 'val' is scored: the
+    largest mean paired gain over no KD of the runs' final checkpoints on the split their
+    training validated on. Returns (method, {method: paired gain on select})."""
+    by = {}
+    for run in students["runs"]:
+        by.setdefault(method_of(run["setting"]), {})[run["seed"]] = run["miou"]
+    gains = {m: sweep.paired_gain(by[m], by["no_kd"]) for m in METHODS.values() if m != "no_kd"}
+    return max(gains, key=lambda m: gains[m]["gain"]), gains
+
+
 def method_rows(teacher_result, scored):
-    """The table's rows: the teacher, then each method's mean, std, n and paired gain; each
-    names its runs and their evaluation files (report.py reads them)."""
+    """The table's rows: the teacher, then each method's mean, std, n and its paired gain
+    over no KD with the 95% t-interval and the verdict; each names its runs and their
+    evaluation files (report.py reads them)."""
     rows = [{"method": "teacher", "mious": [teacher_result["miou"]], "seeds": [0],
              "params": teacher_result["params"], "ms_per_image": teacher_result["ms_per_image"],
              "runs": [teacher_result["run"]], "evaluations": [teacher_result["evaluation"]],
@@ -230,13 +243,14 @@ def method_rows(teacher_result, scored):
     base = {r["seed"]: r["miou"] for r in scored["no_kd"]}
     for method in METHODS.values():
         runs = scored[method]
-        gain, gain_se, pairs = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
-        rows.append({"method": method, "mious": [r["miou"] for r in runs],
-                     "seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
-                     "ms_per_image": sorted(r["ms_per_image"] for r in runs)[len(runs) // 2],
-                     "gain": gain, "gain_se": gain_se, "gain_n": pairs,
-                     "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
-                     "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)})
+        row = {"method": method, "mious": [r["miou"] for r in runs],
+               "seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
+               "ms_per_image": sorted(r["ms_per_image"] for r in runs)[len(runs) // 2],
+               "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
+               "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
+        if method != "no_kd":
+            row["paired_gain"] = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
+        rows.append(row)
     for row in rows:
         row["mean"], row["std"], row["n"] = sweep.mean_std(row["mious"])
     return rows
@@ -244,12 +258,52 @@ def method_rows(teacher_result, scored):
 
 def results_table(rows):
     return markdown_table(
-        ["Knowledge distillation", "mIoU (%) mean ± std", "n", "gain over no KD (paired, ± s.e.)",
-         "# Parameters", "Inference (ms/image)"],
+        ["Knowledge distillation", "mIoU (%) mean ± std", "n",
+         f"gain over no KD, {sweep.CONFIDENCE:.0%} CI (paired t)", "verdict", "# Parameters",
+         "Inference (ms/image)"],
         [[r["method"], sweep.fmt_mean_std(r["mean"], r["std"], r["n"]), r["n"],
-          "" if "gain" not in r or r["method"] == "no_kd"
-          else sweep.fmt_gain(r["gain"], r["gain_se"], r["gain_n"]),
+          sweep.fmt_gain(r["paired_gain"]) if "paired_gain" in r else "",
+          r["paired_gain"]["verdict"] if "paired_gain" in r else "",
           f"{r['params']:,}", f"{r['ms_per_image']:.2f}"] for r in rows])
+
+
+def verdict_lines(rows, expected):
+    """Each KD method's verdict in a sentence, the expected one first."""
+    lines = []
+    for r in sorted(rows, key=lambda r: r["method"] != expected):
+        if "paired_gain" not in r:
+            continue
+        g = r["paired_gain"]
+        interval = "" if g["n"] < 2 else (f", {g['confidence']:.0%} CI {100 * g['ci_low']:+.2f} "
+                                          f"to {100 * g['ci_high']:+.2f}")
+        lines.append(f"- {r['method']}{' (expected to help most)' if r['method'] == expected else ''}"
+                     f": {g['verdict']} ({100 * g['gain']:+.2f} points over no KD{interval}, "
+                     f"{g['n']} paired seeds)")
+    return lines
+
+
+def run_lab(args):
+    """Data, teacher, students, then the scores on 'val'; returns (rows, expected method,
+    its gains on 'select', the teacher's checkpoint, the sweep's name, data settings, the
+    wall seconds of each phase, so that a rerun's cost can be read off)."""
+    phases, tic = {}, time.perf_counter()
+
+    def phase(name):
+        nonlocal tic
+        phases[name], tic = time.perf_counter() - tic, time.perf_counter()
+
+    trees, settings = make_data(args)
+    phase("data")
+    teacher = train_teacher(args, trees, settings)
+    phase("teacher")
+    students = train_students(args, trees, settings, teacher)
+    phase("students")
+    expected, on_select = expected_best(students)  # named before anything is scored on 'val'
+    print(f"\nexpected to help most, chosen on 'select' before 'val' is scored: {expected} "
+          f"({100 * on_select[expected]['gain']:+.2f} points over no KD on 'select')")
+    rows = method_rows(teacher_row(args, trees, teacher), score_students(args, trees, students))
+    phase("scoring")
+    return rows, expected, on_select, teacher, students["name"], settings, phases
 
 
 def main(args):
@@ -260,27 +314,28 @@ def main(args):
     device = resolve_device(args.device)
     print(set_compute_resources(args, device))
     print(__doc__.split("\n\n")[2].replace("\n", " "))  # why the demo is built this way
-    trees, settings = make_data(args)
-    teacher = train_teacher(args, trees, settings)
-    students = train_students(args, trees, settings, teacher)
-    teacher_result = teacher_row(args, trees, teacher)
-    rows = method_rows(teacher_result, score_students(args, trees, students))
+    rows, expected, on_select, teacher, sweep_name, settings, phases = run_lab(args)
     table = results_table(rows)
-    plot_path = bar_chart([r["method"] for r in rows], [100 * r["mean"] for r in rows],
-                          [100 * r["std"] for r in rows], Path(args.plot_dir) / f"{args.prefix}_comparison.png",
-                          f"Demo: final mIoU on {args.val} reported images (mean ± std over "
-                          f"{len(args.seeds)} seeds)", "mIoU (%)", grey=("teacher",))
-    results = {"rows": rows, "table_markdown": table, "device": str(device),
-               "hardware": device_name(device), "teacher_arch": args.teacher,
-               "teacher_checkpoint": str(teacher), "student_arch": "lite", "sweep": students["name"],
-               "data": settings, "reported_split": "val", "selection_split": "select",
-               "seconds": time.perf_counter() - start, "args": vars(args)}
+    plot_path = comparison_chart(
+        rows, Path(args.plot_dir) / f"{args.prefix}_comparison.png",
+        f"Demo: final mIoU on {args.val} reported images, {len(args.seeds)} paired seeds "
+        f"({device_name(device)})")
+    results = {"rows": rows, "table_markdown": table, "expected_best": expected,
+               "expected_best_on_select": on_select, "confidence": sweep.CONFIDENCE,
+               "device": str(device), "hardware": device_name(device),
+               "teacher_arch": args.teacher, "teacher_checkpoint": str(teacher),
+               "student_arch": "lite", "sweep": sweep_name, "data": settings,
+               "reported_split": "val", "selection_split": "select",
+               "seconds": time.perf_counter() - start, "phase_seconds": phases,
+               "args": vars(args)}
     out = Path(args.output_dir) / f"{args.prefix}_results.json"
     save_json(results, out)
     print(f"\n{table}\n\nfinal checkpoints scored on the {args.val} 'val' images, which chose "
           f"nothing (curves and sweeps use 'select'); teacher - no KD: "
-          f"{100 * (rows[0]['mean'] - rows[1]['mean']):+.2f} points")
-    print(f"saved {out} and {plot_path}; the demo took {results['seconds'] / 60:.1f} min")
+          f"{100 * (rows[0]['mean'] - rows[1]['mean']):+.2f} points; {device_name(device)}")
+    print("\n".join(verdict_lines(rows, expected)))
+    print(f"saved {out} and {plot_path}; the demo took {results['seconds'] / 60:.1f} min ("
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in phases.items()) + ")")
     return results
 
 

@@ -74,6 +74,47 @@ def bar_chart(labels, means, errors, path, title, ylabel, grey=()):
     return Path(path)
 
 
+def comparison_chart(rows, path, title):
+    """demo.py's figure: [mIoU per method, mean ± std over seeds | each KD method's paired
+    gain over no KD with its 95% t-interval and verdict]. ``rows``: demo.method_rows."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), width_ratios=(5, 4))
+    names = [r["method"] for r in rows]
+    means, stds = [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows]
+    left.bar(range(len(rows)), means, yerr=stds, capsize=4,
+             color=["#888888" if n == "teacher" else "#4C72B0" for n in names])
+    for i, (m, e) in enumerate(zip(means, stds)):
+        left.annotate(f"{m:.1f}", (i, m + e), xytext=(0, 4), textcoords="offset points",
+                      ha="center", va="bottom", fontsize=8)
+    left.set_xticks(range(len(rows)), [n.replace("_", " ") for n in names], fontsize=8)
+    left.set(ylabel="mIoU (%)", title="final mIoU, mean ± std over seeds")
+    left.grid(axis="y", alpha=0.3)
+    kd = [r for r in rows if "paired_gain" in r]
+    gains = [100 * r["paired_gain"]["gain"] for r in kd]
+    halves = [0.0 if r["paired_gain"]["n"] < 2 else
+              100 * (r["paired_gain"]["ci_high"] - r["paired_gain"]["ci_low"]) / 2 for r in kd]
+    colours = {"helps": "#2E7D32", "hurts": "#C62828"}
+    right.axhline(0, color="black", lw=0.8)
+    for i, (r, g, h) in enumerate(zip(kd, gains, halves)):
+        verdict = r["paired_gain"]["verdict"]
+        right.errorbar(i, g, yerr=h, fmt="o", capsize=5, color=colours.get(verdict, "#555555"))
+        right.annotate(f"{g:+.1f}\n{verdict.replace('detectable with', 'with')}", (i, g + h),
+                       xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                       fontsize=7)
+    right.set_xticks(range(len(kd)), [r["method"].replace("_", " ") for r in kd], fontsize=8)
+    right.set_xlim(-0.6, len(kd) - 0.4)
+    low, high = min([g - h for g, h in zip(gains, halves)] + [0]), max(
+        [g + h for g, h in zip(gains, halves)] + [0])
+    right.set_ylim(low - 0.1 * (high - low + 1), high + 0.35 * (high - low + 1))  # room for labels
+    right.set(ylabel="gain over no KD (points)", title="paired gain, 95% t-interval")
+    right.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def colorize(label):
     """(H, W) labels -> (H, W, 3) uint8 in the VOC palette (255 drawn in VOC's void colour)."""
     return voc_palette()[np.asarray(label, dtype=np.uint8)]

@@ -30,7 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+import scipy.stats
+
 import train_kd
+from losses import TERMS
 from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
@@ -57,6 +60,11 @@ def get_args_parser():
                         help="the sweep's name: its folder, and the prefix of its runs' names")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds; every setting runs with each")
+    parser.add_argument("--baseline", nargs="+", default=None, metavar="DEST=VALUE",
+                        help="the setting every other one is compared with, seed by seed, "
+                             "with a 95%% t-interval and a verdict, e.g. --baseline alpha=0 "
+                             "beta=0 (default: the one setting whose distillation weights are "
+                             "all 0, when the grid holds it; else no verdict)")
     parser.add_argument("--jobs", type=ranged(int, 1), default=1,
                         help="runs trained at once, each in its own process with its share of "
                              "the CPU threads and its log in the sweep's logs/ folder; on a CPU "
@@ -229,11 +237,6 @@ def fmt_mean_std(mean, std, n):
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
 
 
-def fmt_gain(mean, se, n):
-    """'+mean ± standard error' in points; one pair has no standard error to show."""
-    return f"{100 * mean:+.2f} ± {100 * se:.2f}" if n > 1 else f"{100 * mean:+.2f}"
-
-
 def aggregate(results):
     """One row per setting: mean, std and n of its runs' mIoU, best mean first."""
     rows = {}
@@ -246,50 +249,138 @@ def aggregate(results):
     return sorted(rows.values(), key=lambda row: -row["mean"])
 
 
+CONFIDENCE = 0.95  # of every interval the tables print
+
+
+def t_interval(diffs, confidence=CONFIDENCE):
+    """(mean, low, high) of paired differences: mean +- t_{(1+c)/2, n-1} * s / sqrt(n), the
+    Student's t interval with n - 1 degrees of freedom (t = 4.30 for n = 3 at 95%: with few
+    seeds "2 standard errors" is far narrower than 95%). One pair has no interval (nan)."""
+    mean, std, n = mean_std(diffs)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = scipy.stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low, high, n):
+    """The interval in words: 'helps' only when all of it lies above 0, 'hurts' when all of
+    it lies below, else no difference that n seeds can detect."""
+    if n >= 2 and low > 0:
+        return "helps"
+    if n >= 2 and high < 0:
+        return "hurts"
+    return f"no difference detectable with {n} seed{'s' if n != 1 else ''}"
+
+
 def paired_gain(mious, base):
-    """(mean, standard error, n) of the per-seed differences ``mious[s] - base[s]`` over the
-    seeds both ran ({seed: mIoU} each): a method against a baseline, seed by seed."""
-    mean, std, n = mean_std([mious[s] - base[s] for s in sorted(mious) if s in base])
-    return mean, std / math.sqrt(n), n
+    """A setting against a baseline, seed by seed ({seed: mIoU} each): the per-seed
+    differences over the seeds both ran, their mean, standard error, 95% t-interval and
+    verdict."""
+    seeds = [s for s in sorted(mious) if s in base]
+    diffs = [mious[s] - base[s] for s in seeds]
+    mean, low, high = t_interval(diffs)
+    n = len(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+    return {"gain": mean, "se": se, "n": n, "ci_low": low, "ci_high": high,
+            "confidence": CONFIDENCE, "verdict": verdict(low, high, n), "seeds": seeds,
+            "diffs": diffs}
 
 
 def paired_gains(results, baseline):
-    """{setting label: (mean, standard error, n)}: paired_gain of each setting against
-    ``baseline`` (a setting dict)."""
+    """{setting label: paired_gain}: each setting against ``baseline`` (a setting dict)."""
     by = {}
     for r in results:
         by.setdefault(label(r["setting"]), {})[r["seed"]] = r["miou"]
     return {name: paired_gain(seeds, by[label(baseline)]) for name, seeds in by.items()}
 
 
+def fmt_gain(g):
+    """'+mean [low, high]' in points, the 95% t-interval; one pair has no interval to show."""
+    if g["n"] < 2:
+        return f"{100 * g['gain']:+.2f}"
+    return f"{100 * g['gain']:+.2f} [{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}]"
+
+
 def label(setting):
     return " ".join(f"{k}={v}" for k, v in setting.items()) or "(one setting)"
 
 
-def table(rows, axes):
+def table(rows, axes, baseline=None):
+    """Best first; with a baseline, each setting's paired gain over it and the verdict."""
     names = list(axes)
-    return markdown_table(
-        [axes[n][0] for n in names] + ["mIoU mean ± std (%)", "n", "seeds"],
-        [[row["setting"][n] for n in names]
-         + [fmt_mean_std(row["mean"], row["std"], row["n"]), row["n"],
-            " ".join(str(x["seed"]) for x in row["runs"])] for row in rows])
+    head = [axes[n][0] for n in names] + ["mIoU mean ± std (%)", "n", "seeds"]
+    if baseline is not None:
+        head += [f"gain over {label(baseline)}, {CONFIDENCE:.0%} CI (paired t)", "verdict"]
+    body = []
+    for row in rows:
+        cells = [row["setting"][n] for n in names] + [
+            fmt_mean_std(row["mean"], row["std"], row["n"]), row["n"],
+            " ".join(str(x["seed"]) for x in row["runs"])]
+        if baseline is not None:
+            gain = row["paired_gain"]
+            cells += ["(baseline)", ""] if row["setting"] == baseline else [fmt_gain(gain),
+                                                                            gain["verdict"]]
+        body.append(cells)
+    return markdown_table(head, body)
+
+
+def same_value(a, b):
+    """Axis values as typed ('0', '0.0') compared as numbers where both are numbers."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def find_baseline(words, axes, runs):
+    """The setting every other is compared with: ``--baseline DEST=VALUE ...`` or, without
+    it, the one setting of the grid whose distillation weights (losses.TERMS) are all 0.
+    None when the grid holds no such single setting: then the sweep gives no verdict."""
+    settings = list({json.dumps(r["setting"], sort_keys=True): r["setting"] for r in runs}.values())
+    if words is None:
+        weights = [n for n in axes if n in {t.weight.dest for t in TERMS.values()}]
+        zero = [s for s in settings if weights and all(same_value(s[n], 0) for n in weights)]
+        return zero[0] if len(zero) == 1 else None
+    wanted = {}
+    for word in words:
+        key, _, value = word.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if key not in axes or not value:
+            raise UserError(f"--baseline {word}: give DEST=VALUE for an axis of this grid "
+                            f"({', '.join(axes) or 'none'}), e.g. --baseline alpha=0 beta=0")
+        wanted[key] = value
+    found = [s for s in settings if all(same_value(s[k], v) for k, v in wanted.items())]
+    if len(found) != 1:
+        raise UserError(f"--baseline {' '.join(words)} matches {len(found)} settings of the "
+                        "grid; name a value of every axis so that it matches one")
+    return found[0]
 
 
 def write_results(own, axes, fixed, results, folder, plot_dir):
     """sweep.json, sweep.md and the plot; returns the sweep.json content."""
     rows = aggregate(results)
+    baseline = find_baseline(own.baseline, axes, results)
+    if baseline is not None:
+        gains = paired_gains(results, baseline)
+        for row in rows:
+            row["paired_gain"] = gains[label(row["setting"])]
     split = results[0]["split"]
-    md = table(rows, axes)
+    md = table(rows, axes, baseline)
     command = "python sweep.py " + " ".join(
         ["--name", own.name, "--seeds", *map(str, own.seeds), "--jobs", str(own.jobs)]
-        + own.train_flags)
+        + (["--baseline", *own.baseline] if own.baseline else []) + own.train_flags)
     sweep = {"name": own.name, "command": command, "split": split, "axes": {
-        n: values for n, (_, values) in axes.items()}, "fixed": fixed, "rows": rows,
-        "runs": results, "table_markdown": md}
+        n: values for n, (_, values) in axes.items()}, "fixed": fixed, "baseline": baseline,
+        "confidence": CONFIDENCE, "rows": rows, "runs": results, "table_markdown": md}
     save_json(sweep, Path(folder) / "sweep.json")
+    verdicts = (f" Gains: the mean of the per-seed differences from {label(baseline)} with its "
+                f"{CONFIDENCE:.0%} Student's t interval; 'helps' only when all of it lies above "
+                "0." if baseline is not None else " No verdict: the grid has no single setting "
+                "with every distillation weight 0; give --baseline DEST=VALUE ...")
     (Path(folder) / "sweep.md").write_text(
         f"`{command}`\n\nmIoU of each run's final checkpoint on the '{split}' split, mean ± "
-        f"sample std over seeds.\n\n{md}\n")
+        f"sample std over seeds.{verdicts}\n\n{md}\n")
     bar_chart([label(r["setting"]) for r in rows], [100 * r["mean"] for r in rows],
               [100 * r["std"] for r in rows], Path(plot_dir) / f"{own.name}_sweep.png",
               f"{own.name}: final mIoU on '{split}' (mean ± std over seeds)", "mIoU (%)")

@@ -1,6 +1,8 @@
 """demo.py at tiny sizes: its table holds what evaluate.py wrote, nothing is chosen on the
 reported images, a second run reuses the teacher and every finished run, and a demo stopped
 by SIGINT mid-run, then run again, ends with the table of an unbroken one."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -30,7 +32,10 @@ def run_demo(work, progress=False):
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     work = tmp_path_factory.mktemp("unbroken")
-    return work, run_demo(work)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = run_demo(work)
+    return work, results, printed.getvalue()
 
 
 def mious(results):
@@ -38,7 +43,7 @@ def mious(results):
 
 
 def test_the_table_holds_the_evaluations_and_the_paired_gains(unbroken):
-    work, results = unbroken
+    work, results, _ = unbroken
     rows = {row["method"]: row for row in results["rows"]}
     assert list(rows) == ["teacher", "no_kd", "response_kd", "feature_kd", "combined_kd"]
     evals = sorted((work / "outputs" / "demo").rglob("*_eval.json"))
@@ -46,15 +51,47 @@ def test_the_table_holds_the_evaluations_and_the_paired_gains(unbroken):
     scored = [json.loads(p.read_text()) for p in evals]
     assert sorted(m for row in rows.values() for m in row["mious"]) == sorted(s["miou"] for s in scored)
     base = rows["no_kd"]["mious"]
-    for row in list(rows.values())[1:]:  # gain: the mean of the per-seed differences
+    for row in list(rows.values())[2:]:  # gain: the mean of the per-seed differences
         diffs = [a - b for a, b in zip(row["mious"], base)]
-        assert row["n"] == 2 and row["gain"] == pytest.approx(sum(diffs) / 2)
+        assert row["n"] == 2 and row["paired_gain"]["gain"] == pytest.approx(sum(diffs) / 2)
+        assert row["paired_gain"]["seeds"] == row["seeds"] == [0, 1]
+    assert "paired_gain" not in rows["no_kd"] and "paired_gain" not in rows["teacher"]
     assert (work / "plots" / "demo_comparison.png").is_file()
+
+
+def test_the_verdicts_in_the_json_are_those_of_the_printed_table(unbroken):
+    work, results, _ = unbroken
+    saved = json.loads((work / "outputs" / "demo_results.json").read_text())
+    assert saved["table_markdown"] == results["table_markdown"]
+    lines = saved["table_markdown"].splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = {row[0]: dict(zip(head, row)) for row in
+             ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    for row in saved["rows"]:
+        printed = cells[row["method"]]
+        assert printed["n"] == str(len(row["mious"]))
+        g = row.get("paired_gain")
+        assert printed["verdict"] == (g["verdict"] if g else "")
+        if g:
+            assert printed["gain over no KD, 95% CI (paired t)"].startswith(f"{100 * g['gain']:+.2f} [")
+            assert g["verdict"] == ("helps" if g["ci_low"] > 0 else "hurts" if g["ci_high"] < 0
+                                    else "no difference detectable with 2 seeds")
+
+
+def test_the_expected_method_is_named_on_select_before_val_is_scored(unbroken):
+    work, results, out = unbroken
+    on_select = results["expected_best_on_select"]
+    assert set(on_select) == {"response_kd", "feature_kd", "combined_kd"}
+    assert results["expected_best"] == max(on_select, key=lambda m: on_select[m]["gain"])
+    named = out.index(f"expected to help most, chosen on 'select' before 'val' is scored: "
+                      f"{results['expected_best']}")
+    first_student_score = out.index("$ python evaluate.py --model_path " + str(work / "models" / "demo_students_"))
+    assert named < first_student_score
 
 
 def test_nothing_is_chosen_on_the_reported_images(unbroken):
     """Training validates on 'select'; the table scores final checkpoints on 'val'."""
-    work, results = unbroken
+    work, results, _ = unbroken
     summaries = list((work / "outputs").glob("demo_students_*/summary.json"))
     assert len(summaries) == 8
     for path in summaries:
@@ -66,7 +103,7 @@ def test_nothing_is_chosen_on_the_reported_images(unbroken):
 
 
 def test_a_second_demo_reuses_the_teacher_and_every_finished_run(unbroken, monkeypatch, capsys):
-    work, results = unbroken
+    work, results, _ = unbroken
 
     def no_training(*args, **kwargs):
         raise AssertionError("the second demo trained again")

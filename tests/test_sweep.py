@@ -63,12 +63,69 @@ def test_aggregate_gives_mean_and_sample_std_best_first():
 
 def test_paired_gains_are_per_seed_differences_with_their_standard_error():
     gains = sweep.paired_gains(RESULTS, {"alpha": "0"})
-    mean, se, n = gains["alpha=0.5"]
+    g = gains["alpha=0.5"]
     # differences 0.1, 0.2, 0.0: mean 0.1, sample std 0.1, standard error 0.1 / sqrt(3)
-    assert (mean, se, n) == (pytest.approx(0.1), pytest.approx(0.1 / math.sqrt(3)), 3)
-    assert gains["alpha=0"] == (0.0, 0.0, 3)
-    assert sweep.fmt_gain(mean, se, n) == "+10.00 ± 5.77"
-    assert sweep.fmt_gain(-0.0211, 0.0, 1) == "-2.11"  # one pair has no standard error to show
+    assert g["diffs"] == pytest.approx([0.1, 0.2, 0.0]) and g["seeds"] == [0, 1, 2]
+    assert (g["gain"], g["se"], g["n"]) == (pytest.approx(0.1), pytest.approx(0.1 / math.sqrt(3)), 3)
+    # by hand, t(0.975, 2 df) = 4.3027 from a t table: 0.1 +- 4.3027 * 0.1 / sqrt(3) = 0.1 +- 0.2484
+    assert (g["ci_low"], g["ci_high"]) == (pytest.approx(-0.1484, abs=1e-4),
+                                           pytest.approx(0.3484, abs=1e-4))
+    assert g["verdict"] == "no difference detectable with 3 seeds"  # straddles 0
+    assert sweep.fmt_gain(g) == "+10.00 [-14.84, +34.84]"
+    assert gains["alpha=0"]["gain"] == 0.0 and gains["alpha=0"]["n"] == 3
+    one = sweep.paired_gain({0: 0.6}, {0: 0.6211})
+    assert sweep.fmt_gain(one) == "-2.11"  # one pair has no interval to show
+    assert one["verdict"] == "no difference detectable with 1 seed"
+
+
+@pytest.mark.parametrize("n", range(2, 31))
+def test_the_interval_is_students_t_with_n_minus_1_degrees_of_freedom(n):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    diffs = [0.03 + 0.02 * math.sin(3 * i + n) for i in range(n)]  # any spread will do
+    mean, low, high = sweep.t_interval(diffs)
+    want = scipy_stats.t.interval(0.95, df=n - 1, loc=sum(diffs) / n,
+                                  scale=scipy_stats.sem(diffs))
+    assert (low, high) == (pytest.approx(want[0], rel=1e-12), pytest.approx(want[1], rel=1e-12))
+    assert mean == pytest.approx(sum(diffs) / n)
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.05, 0.06, 0.07], "helps"),      # 0.06 +- 4.3027 * 0.01 / sqrt(3) = [0.035, 0.085]
+    ([-0.05, -0.06, -0.07], "hurts"),   # its mirror: all of it below 0
+    ([0.05, -0.01, 0.02], "no difference detectable with 3 seeds"),  # [-0.056, 0.096]
+    ([0.20, 0.00], "no difference detectable with 2 seeds"),  # t(0.975, 1) = 12.71: [-1.17, 1.37]
+])
+def test_the_verdict_follows_where_the_interval_lies(diffs, verdict):
+    g = sweep.paired_gain(dict(enumerate(diffs)), dict.fromkeys(range(len(diffs)), 0.0))
+    assert g["verdict"] == verdict
+    assert (g["ci_low"] > 0) == (verdict == "helps") and (g["ci_high"] < 0) == (verdict == "hurts")
+
+
+def test_a_sweep_compares_with_its_baseline_or_gives_no_verdict():
+    axes = {"alpha": ("--alpha", ["0", "0.5"]), "beta": ("--beta", ["0", "0.5"])}
+    runs = [{"setting": {"alpha": a, "beta": b}} for a in ("0", "0.5") for b in ("0", "0.5")]
+    assert sweep.find_baseline(None, axes, runs) == {"alpha": "0", "beta": "0"}  # the default
+    # a flag's name or its dest, and a number as typed another way, name the same setting
+    assert sweep.find_baseline(["alpha=0.5", "--beta=0.0"], axes, runs) == {"alpha": "0.5",
+                                                                            "beta": "0"}
+    tau = {"alpha": ("--alpha", ["0", "0.5"]), "tau": ("--tau", ["1", "4"])}
+    tau_runs = [{"setting": {"alpha": a, "tau": t}} for a in ("0", "0.5") for t in ("1", "4")]
+    assert sweep.find_baseline(None, tau, tau_runs) is None  # alpha=0 at two taus: no one baseline
+    lr = {"lr": ("--lr", ["0.01", "0.001"])}
+    assert sweep.find_baseline(None, lr, [{"setting": {"lr": v}} for v in ("0.01", "0.001")]) is None
+    with pytest.raises(UserError, match="matches 2 settings"):
+        sweep.find_baseline(["alpha=0"], tau, tau_runs)
+    with pytest.raises(UserError, match="an axis of this grid"):
+        sweep.find_baseline(["gamma=1"], axes, runs)
+    rows = sweep.aggregate([result({"alpha": "0.5"}, s, m) for s, m in ((0, 0.5), (1, 0.6), (2, 0.7))]
+                           + [result({"alpha": "0"}, s, m) for s, m in ((0, 0.4), (1, 0.5), (2, 0.6))])
+    gains = sweep.paired_gains([r | {"setting": row["setting"]} for row in rows for r in row["runs"]],
+                               {"alpha": "0"})
+    for row in rows:
+        row["paired_gain"] = gains[sweep.label(row["setting"])]
+    md = sweep.table(rows, {"alpha": ("--alpha", ["0", "0.5"])}, {"alpha": "0"})
+    assert "| 0.5 | 60.00 ± 10.00 | 3 | 0 1 2 | +10.00 [+10.00, +10.00] | helps |" in md
+    assert "| 0 | 50.00 ± 10.00 | 3 | 0 1 2 | (baseline) |  |" in md
 
 
 def test_a_finished_run_is_skipped_and_other_flags_under_its_name_refused(synth_root, tmp_path,
