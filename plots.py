@@ -5,6 +5,7 @@ Plots are always redrawn from result files, so they can be regenerated without t
     python plots.py outputs/response_kd/history.jsonl --name response_kd
 """
 import argparse
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -13,10 +14,31 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
 from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
 from utils import HelpFormatter  # noqa: E402
+
+
+def fit_title(ax, text, fontsize=10):
+    """A title wrapped to the axes' width: a long run name would otherwise run off the
+    figure's edge (tight_layout makes room for titles' height, never their width)."""
+    width_in = ax.figure.get_figwidth() * ax.get_position().width
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    ax.set_title("\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)),
+                 fontsize=fontsize)
+
+
+def wrap_to_figure(fig, text, fontsize):
+    """A suptitle wrapped to the figure's width (see fit_title)."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False))
+
+
+def epoch_axis(ax):
+    """Epochs are whole numbers: no 2.5 or 7.5 ticks."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_history(history_path, plot_dir, name):
@@ -33,7 +55,9 @@ def plot_history(history_path, plot_dir, name):
         style = "-" if key == "loss_total" else "--"
         ax.plot(epochs, [r.get(key, np.nan) for r in records], style, marker=".",
                 label=key[len("loss_"):])
-    ax.set(xlabel="epoch", ylabel="train loss (unweighted terms)", title=f"{name}: training loss")
+    ax.set(xlabel="epoch", ylabel="train loss (unweighted terms)")
+    fit_title(ax, f"{name}: training loss")
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     loss_png = plot_dir / f"{name}_loss.png"
@@ -44,13 +68,58 @@ def plot_history(history_path, plot_dir, name):
     fig, ax = plt.subplots(figsize=(6, 4))
     validated = [r for r in records if r.get("val_miou") is not None]  # --val-every N
     ax.plot([r["epoch"] for r in validated], [100 * r["val_miou"] for r in validated], marker="o")
-    ax.set(xlabel="epoch", ylabel="val mIoU (%)", title=f"{name}: validation mIoU")
+    ax.set(xlabel="epoch", ylabel="val mIoU (%)")
+    fit_title(ax, f"{name}: validation mIoU")
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     miou_png = plot_dir / f"{name}_miou.png"
     fig.tight_layout()
     fig.savefig(miou_png, dpi=120)
     plt.close(fig)
     return [loss_png, miou_png]
+
+
+def mean_band(runs, key):
+    """(epochs, mean, low, high) of ``key`` over the runs (one record list per seed), on the
+    epochs that every run recorded; low/high: the smallest and largest run."""
+    common = set.intersection(*({r["epoch"] for r in rs if r.get(key) is not None}
+                                for rs in runs))
+    epochs = sorted(common)
+    values = np.array([[next(r[key] for r in rs if r["epoch"] == e) for e in epochs]
+                       for rs in runs], dtype=float)
+    return epochs, values.mean(0), values.min(0), values.max(0)
+
+
+def method_panels(curves, path, title=""):
+    """One column per method: training loss (top) and validation mIoU (bottom), the mean
+    over its seeds with a band from the lowest to the highest seed where it has several.
+    ``curves``: [(label, [history records of one seed, ...]), ...]."""
+    n = len(curves)
+    fig, axes = plt.subplots(2, n, figsize=(2.1 * n + 0.6, 3.6), sharex=True, sharey="row",
+                             squeeze=False)
+    for col, (label, runs) in enumerate(curves):
+        for row, (key, scale, ylabel) in enumerate((("loss_total", 1, "train loss (total)"),
+                                                    ("val_miou", 100, "val mIoU (%)"))):
+            ax = axes[row][col]
+            epochs, mean, low, high = mean_band(runs, key)
+            ax.plot(epochs, scale * mean, marker="." if row else None, ms=3, color="#4C72B0")
+            if len(runs) > 1:
+                ax.fill_between(epochs, scale * low, scale * high, alpha=0.25, color="#4C72B0",
+                                lw=0)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            epoch_axis(ax)
+            if col == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+        fit_title(axes[0][col], f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", 8)
+        axes[1][col].set_xlabel("epoch", fontsize=8)
+    if title:
+        fig.suptitle(wrap_to_figure(fig, title, 9), fontsize=9)
+    fig.tight_layout(pad=0.4)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return Path(path)
 
 
 def bar_chart(labels, means, errors, path, title, ylabel, grey=()):
@@ -65,7 +134,8 @@ def bar_chart(labels, means, errors, path, title, ylabel, grey=()):
                     ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 5 else 0, ha="right"
                   if len(labels) > 5 else "center", fontsize=8)
-    ax.set(ylabel=ylabel, title=title)
+    ax.set(ylabel=ylabel)
+    fit_title(ax, title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +177,7 @@ def comparison_chart(rows, path, title):
     right.set_ylim(low - 0.1 * (high - low + 1), high + 0.35 * (high - low + 1))  # room for labels
     right.set(ylabel="gain over no KD (points)", title="paired gain, 95% t-interval")
     right.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(wrap_to_figure(fig, title, 10), fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -147,7 +217,7 @@ def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, a
         handles.append(Patch(color=palette[IGNORE_INDEX], label="void (ignored)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(wrap_to_figure(fig, title, 12), fontsize=12)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
