@@ -86,6 +86,14 @@ class Markdown:
     text: str
 
 
+@dataclass
+class Only:
+    """A block for one output only: ``target`` 'markdown' (the README's appendix tables, too
+    long for the page limit) or 'typst'."""
+    block: object
+    target: str
+
+
 # --------------------------------------------------------------------------- inline
 
 def escape_typst(text):
@@ -162,8 +170,13 @@ def block_markdown(block):
     raise TypeError(f"unknown block {block!r}")
 
 
+def for_target(blocks, target):
+    return [b.block if isinstance(b, Only) else b for b in blocks
+            if not isinstance(b, Only) or b.target == target]
+
+
 def to_markdown(blocks, title=""):
-    parts = ([f"# {title}"] if title else []) + [block_markdown(b) for b in blocks]
+    parts = ([title] if title else []) + [block_markdown(b) for b in for_target(blocks, "markdown")]
     return "\n\n".join(parts) + "\n"
 
 
@@ -247,7 +260,8 @@ def block_typst(block):
 
 
 def to_typst(blocks, title_block=""):
-    return PREAMBLE + title_block + "\n\n".join(block_typst(b) for b in blocks) + "\n"
+    return (PREAMBLE + title_block + "\n\n".join(block_typst(b) for b in for_target(blocks, "typst"))
+            + "\n")
 
 
 def compile_pdf(typ_path, pdf_path):
