@@ -166,15 +166,18 @@ def per_class_chart(rows, path):
     classes = [c for c in done[0]["result"]["per_class_iou"]
                if any(r["result"]["per_class_iou"].get(c) is not None for r in done)]
     width = 0.8 / len(done)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) * max(1, len(done) / 2)), 4))
+    # wide and low: it shares a printed page with the tables
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(classes) * max(1, len(done) / 2)), 2.6))
     for i, r in enumerate(done):
         values = [100 * (r["result"]["per_class_iou"].get(c) or 0) for c in classes]
         ax.bar([k + i * width for k in range(len(classes))], values, width, label=r["label"])
     ax.set_xticks([k + width * (len(done) - 1) / 2 for k in range(len(classes))], classes,
                   rotation=45, ha="right")
-    ax.set(ylabel="IoU (%)", ylim=(0, 100),
-           title="Per-class IoU on the validation set (a class without IoU drawn as 0)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(ylabel="IoU (%)", ylim=(0, 100))
+    plots.fit_title(ax, "Per-class IoU on the evaluation images (a class without IoU drawn as 0)",
+                    9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -572,7 +575,7 @@ def kd_section(ctx):
                 "pixels (label 255 ignored):"), Math(CE_FORMULA)]
     for name in used_terms(ctx):
         term = TERMS[name]
-        doc.append(Math(getattr(term, "formula", name), getattr(term, "label", name)))
+        doc.append(Math(getattr(term, "formula", f"L_\"{name}\""), getattr(term, "label", name)))
     doc.append(Para("The total loss of each reported setting, at the weights it was run with:"))
     for methods, weights, params in weight_settings(ctx):
         extra = ", ".join(f"{k} = {v:g}" for k, v in params.items())
@@ -742,7 +745,7 @@ def experiments_section(ctx):
     if claimed(ctx):
         per_class_chart(ctx.rows, ctx.out / "per_class_iou.png")
         doc.append(Figure("per_class_iou.png", "Per-class IoU on the evaluation images (a class "
-                                               "without IoU is drawn as 0).", width="92%"))
+                                               "without IoU is drawn as 0).", width="80%"))
     doc += gallery_blocks(ctx)
     return doc + [reproduce_table(ctx)]
 

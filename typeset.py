@@ -250,8 +250,9 @@ def block_typst(block):
     if isinstance(block, Grid):
         return grid_typst(block)
     if isinstance(block, Math):
-        label = f" #h(1fr) #text(size: 8pt)[{inline_typst(block.label)}]" if block.label else ""
-        return f"#block(width: 100%)[$ {block.formula} ${label}]"
+        # the formula centred, its label right-aligned on the same line
+        return (f"#grid(columns: (1fr, auto), align: (center + horizon, right + horizon), "
+                f"$ {block.formula} $, text(size: 7.5pt)[{inline_typst(block.label)}])")
     if isinstance(block, Code):
         return f"#block(fill: luma(245), inset: 4pt, width: 100%)[#text(size: 7.5pt)[#raw({typst_string(block.text)}, block: true)]]"
     if isinstance(block, Markdown):
