@@ -196,7 +196,7 @@ def overlay_files(result, outputs):
     listed = [Path(p) for p in result.get("overlays") or []]
     if listed and all(p.is_file() for p in listed):
         return listed
-    stem = Path(result.get("checkpoint", "")).stem
+    stem = Path(result.get("checkpoint") or "").stem
     return sorted((outputs / f"{stem}_overlays").glob("*.png")) if stem else []
 
 
@@ -581,23 +581,39 @@ def kd_section(ctx):
         extra = ", ".join(f"{k} = {v:g}" for k, v in params.items())
         doc.append(Math(total_formula(weights), ", ".join(label_of(m) for m in methods)
                         + (f" ({extra})" if extra else "")))
-    return doc + [Code(TRAINING_STEP), Para(KD_WHY), lab_weights_table(ctx)]
+    used = used_terms(ctx)
+    names = {"kd": "alpha", "feat": "beta"}  # the weights' names in our formula
+    doc += [Para("One training step (the loss of each setting above):"),
+            Code(training_step(used, {n: names.get(n, f"w_{n}") for n in used}))]
+    return doc + [Para(KD_WHY), lab_weights_table(ctx)]
 
 
-TRAINING_STEP = """for images, labels in train_loader:            # random scale, crop, flip (image and mask together)
-    logits_s, taps_s = student(images)            # taps: low (stride 4), mid (8), high (16)
-    if distilling:
-        with torch.no_grad():                     # the teacher is frozen: eval(), no gradients
-            logits_t, taps_t = teacher(images)
-    terms = {"ce": cross_entropy(logits_s, labels, ignore_index=255)}
-    if alpha > 0:                                 # response KD, in fp32, KL averaged over pixels
-        terms["kd"] = tau**2 * KL(softmax(logits_t / tau) || softmax(logits_s / tau))
-    if beta > 0:                                  # feature KD, mean over the three taps
-        terms["feat"] = mean(1 - cos(resize(adapter[k](taps_s[k]), taps_t[k].shape), taps_t[k])
-                             for k in ("low", "mid", "high"))
-    loss = (1 - alpha) * terms["ce"] + alpha * terms.get("kd", 0) + beta * terms.get("feat", 0)
-    optimizer.zero_grad(); loss.backward(); optimizer.step()   # student + adapters
-scheduler.step()                                  # once per epoch (poly decay by default)"""
+STEP_LINES = {  # pseudocode of each term's line in a training step (TERMS' names)
+    "kd": ["    terms['kd'] = tau**2 * KL(softmax(logits_t / tau) || softmax(logits_s / tau))"
+           "  # fp32, mean over pixels"],
+    "feat": ["    terms['feat'] = mean(1 - cos(resize(adapter[k](taps_s[k]), taps_t[k]), taps_t[k])",
+             "                         for k in ('low', 'mid', 'high'))  # per pixel, then mean"],
+}
+
+
+def training_step(used, weights):
+    """One training step as pseudocode, with the lines of the terms that were used only."""
+    lines = ["for images, labels in train_loader:  # random scale, crop, flip: image and mask together",
+             "    logits_s, taps_s = student(images)  # taps: low, mid, high (strides in section 1)"]
+    if used:
+        lines += ["    with torch.no_grad():  # the teacher is frozen: eval(), no gradients",
+                  "        logits_t, taps_t = teacher(images)"]
+    lines.append("    terms = {'ce': cross_entropy(logits_s, labels, ignore_index=255)}")
+    for name in used:
+        lines += STEP_LINES.get(name, [f"    terms['{name}'] = L_{name}(student, teacher)"
+                                       "  # its formula above"])
+    total = " + ".join(["(1 - alpha) * terms['ce']" if "kd" in used else "terms['ce']"]
+                       + [f"{weights[n]} * terms['{n}']" for n in used])
+    return "\n".join(lines + [f"    loss = {total}",
+                              "    optimizer.zero_grad(); loss.backward(); optimizer.step()"
+                              + ("  # student and adapters" if "feat" in used else ""),
+                              "    # after each epoch: scheduler.step() (poly decay by default)"])
+
 
 KD_WHY = ("**Taps and adapters.** The student exposes three encoder taps (low, mid, high); a "
           "1×1 convolution per tap (an adapter, trained with the student and dropped at "

@@ -7,9 +7,12 @@ written from made-up numbers in a few milliseconds, for report.py's tests:
 Every file has the keys that train_kd.py, evaluate.py and demo.py write; the numbers are
 random draws, so a test that passes compares the report with the files, not with constants.
 """
+import functools
 import json
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +70,24 @@ def fake_eval(rng, checkpoint, classes, params=1298981, split="val", overlays=No
     return result
 
 
-def write_overlays(folder, title):
-    """A success and a failure overlay, as evaluate.py --visualize draws them."""
+@functools.lru_cache
+def drawn_overlays():
+    """A success and a failure overlay as evaluate.py --visualize draws them, drawn once per
+    session (a second each) and copied where a tree needs them."""
     from plots import save_overlay
+    folder = Path(tempfile.mkdtemp(prefix="overlays"))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
     target = np.zeros((48, 64), dtype=np.int64)
     target[10:30, 10:40] = 1
-    return [str(save_overlay(image, target, np.roll(target, shift, 1), folder / f"{kind}_img{i}.png",
-                             title=f"{title} - img{i}: image mIoU {miou} ({kind})"))
+    return [save_overlay(image, target, np.roll(target, shift, 1), folder / f"{kind}_img{i}.png",
+                         title=f"img{i}: image mIoU {miou} ({kind})")
             for i, (kind, shift, miou) in enumerate((("success", 2, 91.0), ("failure", 20, 12.0)))]
+
+
+def write_overlays(folder, title):
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(shutil.copy(path, folder / path.name)) for path in drawn_overlays()]
 
 
 def demo_tree(root, seeds=(0, 1, 2, 3), seed=0):

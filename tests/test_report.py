@@ -34,10 +34,11 @@ def parse_main_table(markdown):
     return rows
 
 
-def run_report(tmp_path, source="auto"):
+def run_report(tmp_path, source="auto", students=None):
     args = report.get_args_parser().parse_args([
         "--outputs", str(tmp_path / "outputs"), "--plots", str(tmp_path / "plots"),
-        "--out", str(tmp_path / "report"), "--source", source])
+        "--out", str(tmp_path / "report"), "--source", source,
+        "--students", str(students or tmp_path / "students")])
     result = report.main(args)
     return result, (tmp_path / "report" / "README.md").read_text()
 
@@ -81,7 +82,7 @@ def test_demo_source_reads_the_runs_its_results_name(tmp_path):
             write(path, fake_eval(0.5 + 0.01 * i + 0.001 * s, 1298981, 10.0))
         rows.append({"method": method, "runs": [f"run{i}_seed0", f"run{i}_seed1"],
                      "evaluations": [str(p) for p in paths], "train_seconds": 60.0 * (i + 1),
-                     "n": 2})
+                     "mious": [0.5 + 0.01 * i, 0.501 + 0.01 * i], "seeds": [0, 1], "n": 2})
     write(outputs / "at_kd_eval.json", fake_eval(0.9, 1, 1.0))  # a VOC run: not in a demo report
     write(outputs / "demo_results.json", {"rows": rows, "reported_split": "val",
                                           "table_markdown": "| no_kd | 51.00 ± 0.07 | 2 |"})
@@ -94,7 +95,7 @@ def test_demo_source_reads_the_runs_its_results_name(tmp_path):
     assert set(table) == {label for _, label in report.METHODS}
     assert table["Without KD"][1] == report.fmt_miou(0.51)  # the first seed's evaluation
     assert float(table["Without KD"][5]) == round(120.0 / 60, 1)
-    assert "| no_kd | 51.00 ± 0.07 | 2 |" in markdown  # every seed: the demo's own table
+    assert "| Without KD | 51.05 ± 0.07 | 2 |" in markdown  # every seed
     assert (tmp_path / "report" / "plots" / "run1_seed0_loss.png").is_file()
 
 
@@ -172,3 +173,133 @@ def test_throughput_tables_come_from_their_file_with_the_command(tmp_path):
     _, markdown = run_report(tmp_path, source="voc")
     assert "written by `python benchmark.py --throughput` on CPU (test) (cpu, 2 threads)" in markdown
     assert "| loader | 151.0 |" in markdown
+
+
+# --------------------------------------------------------------------------- the lab's PDF
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+import report_fixtures  # noqa: E402
+import typeset  # noqa: E402
+from losses import TERMS  # noqa: E402
+
+STUDENTS = report.REPO_DIR / "students"
+
+
+def build(tmp_path, tree, students=None, **kwargs):
+    """A fixture tree (report_fixtures.demo_tree / voc_tree) and its report; returns
+    (main's result, the README's text, the PDF's text as pypdf reads it)."""
+    tree(tmp_path, **kwargs)
+    if students is None:
+        students = tmp_path / "students"
+        shutil.copytree(STUDENTS, students, dirs_exist_ok=True)
+    result, markdown = run_report(tmp_path, students=students)
+    return result, markdown, typeset.pdf_text(tmp_path / "report" / "report.pdf")
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo_report")
+    return (tmp, *build(tmp, report_fixtures.demo_tree))
+
+
+@pytest.fixture(scope="module")
+def voc_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("voc_report")
+    return (tmp, *build(tmp, report_fixtures.voc_tree))
+
+
+def test_pdf_has_the_title_and_six_sections_in_the_lab_order(demo_report, voc_report):
+    for tmp, result, markdown, text in (demo_report, voc_report):
+        lines = [line.strip() for line in text.splitlines()]
+        where = [lines.index(heading) for heading in report.SECTIONS]  # each a line of its own
+        assert where == sorted(where)
+        assert lines[0] == "ELEC 475 Lab 3" and "Your Name (20000000)" in text
+        assert f"## {report.SECTIONS[0]}" in markdown and markdown.startswith("# ELEC 475 Lab 3")
+        assert (tmp / "report" / "report.typ").is_file()
+
+
+def claims_in_pdf(text, basename):
+    """pack.py --check's reading: after the result file's name, the first number with two
+    decimals is the claimed mIoU and the next comma-grouped integer the parameters."""
+    # a whole name: no_kd_eval.json is also the tail of lab_no_kd_eval.json
+    found = list(re.finditer(r"(?<![\w.-])" + re.escape(basename), text))
+    assert len(found) == 1, f"{basename} appears {len(found)} times"
+    after = text[found[0].end():]
+    miou = re.search(r"(?<![\d.])\d+\.\d{2}(?![\d])", after).group(0)
+    params = re.search(r"\d{1,3}(?:,\d{3})+", after).group(0)
+    return float(miou), int(params.replace(",", ""))
+
+
+def test_every_number_of_the_lab_tables_is_in_the_pdf_equal_to_its_file(demo_report, voc_report):
+    for tmp, result, markdown, text in (demo_report, voc_report):
+        claimed = [r for r in result["rows"] if r["result"] is not None]
+        assert len(claimed) == (5 if result["source"] == "demo" else 8)
+        flat = " ".join(text.split())
+        for r in claimed:
+            data = json.loads(open(r["path"]).read())  # the file itself, not the report's copy
+            assert claims_in_pdf(text, r["path"].rsplit("/", 1)[-1]) == (
+                round(100 * data["miou"], 2), data["params"])
+            row = (f"{r['label']} {100 * data['miou']:.2f} {data['params']:,} "
+                   f"{data['ms_per_image']:.2f} {data['fps']:.1f}")
+            assert row in flat, row  # the lab's comparison table
+        assert report.REPRODUCE_TITLE in text
+
+
+def test_demo_pdf_states_each_methods_paired_gain_and_interval(demo_report):
+    tmp, result, markdown, text = demo_report
+    flat = " ".join(text.split())
+    rows = json.loads((tmp / "outputs" / "demo_results.json").read_text())["rows"]
+    for r in rows[2:]:
+        g = r["paired_gain"]
+        assert (f"{100 * g['gain']:+.2f} points over no KD ({g['n']} paired seeds, 95% CI "
+                f"{100 * g['ci_low']:+.2f} to {100 * g['ci_high']:+.2f}): {g['verdict']}") in flat
+
+
+def test_terms_with_weight_zero_do_not_appear(tmp_path):
+    runs = {k: report_fixtures.VOC_RUNS[k] for k in ("no_kd", "response_kd")}
+    _, markdown, text = build(tmp_path, report_fixtures.voc_tree, runs=runs)
+    flat = " ".join(text.split())
+    for name, term in TERMS.items():
+        names = [term.weight.dest] + [opt.dest for opt in term.params]
+        label = getattr(term, "label", None)
+        if name == "kd":
+            assert "alpha" in flat and "tau" in flat
+            assert label is None or label in flat
+        else:
+            assert not any(n in flat or n in markdown for n in names), name
+            assert label is None or (label not in flat and label not in markdown), label
+
+
+def test_students_text_survives_a_rebuild_byte_for_byte(tmp_path):
+    students = tmp_path / "students"
+    shutil.copytree(STUDENTS, students)
+    own = ("We expected #1 to win, but $5 of 10_000 pixels* changed; ünïcode “quotes”   \n\n"
+           "- first point with `code`\n- second point\n")
+    (students / "discussion.md").write_bytes(own.encode())
+    (students / "title.toml").write_text('course = "ELEC 475 Lab 3"\n[[student]]\nname = "Ada '
+                                         'Lovelace"\nnumber = "12345678"\n')
+    before = snapshot(students)
+    for _ in range(2):  # build, then rebuild over it
+        _, markdown, text = build(tmp_path, report_fixtures.demo_tree, students=students)
+        assert snapshot(students) == before
+        assert own.rstrip("\n") in markdown  # the README holds the file byte for byte
+    flat = " ".join(text.split())
+    assert "We expected #1 to win, but $5 of 10_000 pixels* changed; ünïcode" in flat
+    assert "Ada Lovelace (12345678)" in flat
+    assert "What challenges came up" not in flat  # the prompts give way to the students' text
+    assert "How did you make sure" in flat  # llm_use.md is still the template
+
+
+def test_page_count_is_printed_and_warned_outside_four_to_six(tmp_path, capsys):
+    students = tmp_path / "students"
+    shutil.copytree(STUDENTS, students)
+    (students / "discussion.md").write_text("\n\n".join(["A long discussion sentence. " * 40] * 30))
+    result, _, _ = build(tmp_path, report_fixtures.demo_tree, students=students)
+    from pypdf import PdfReader
+    pages = len(PdfReader(str(tmp_path / "report" / "report.pdf")).pages)
+    assert result["pages"] == pages > 6
+    captured = capsys.readouterr()
+    assert f"({pages} pages;" in captured.out
+    assert f"warning: report.pdf has {pages} pages; the lab asks for 4-6" in captured.err
