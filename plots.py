@@ -94,10 +94,16 @@ def method_panels(curves, path, title=""):
     """One column per method: training loss (top) and validation mIoU (bottom), the mean
     over its seeds with a band from the lowest to the highest seed where it has several.
     ``curves``: [(label, [history records of one seed, ...]), ...]."""
-    n = len(curves)
-    fig, axes = plt.subplots(2, n, figsize=(2.1 * n + 0.6, 3.6), sharex=True, sharey="row",
+    per_row = 4 if len(curves) > 5 else len(curves)  # more methods: a second row of panels
+    rows = -(-len(curves) // per_row)
+    fig, grid = plt.subplots(2 * rows, per_row, figsize=(2.1 * per_row + 0.6, 1.8 * 2 * rows),
                              squeeze=False)
-    for col, (label, runs) in enumerate(curves):
+    for i in range(len(curves), rows * per_row):  # the last row's empty places
+        for row in (0, 1):
+            grid[2 * (i // per_row) + row][i % per_row].set_visible(False)
+    for i, (label, runs) in enumerate(curves):
+        col = i % per_row
+        axes = grid[2 * (i // per_row): 2 * (i // per_row) + 2]
         for row, (key, scale, ylabel) in enumerate((("loss_total", 1, "train loss (total)"),
                                                     ("val_miou", 100, "val mIoU (%)"))):
             ax = axes[row][col]

@@ -167,7 +167,7 @@ def per_class_chart(rows, path):
                if any(r["result"]["per_class_iou"].get(c) is not None for r in done)]
     width = 0.8 / len(done)
     # wide and low: it shares a printed page with the tables
-    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(classes) * max(1, len(done) / 2)), 2.6))
+    fig, ax = plt.subplots(figsize=(min(10, max(7, 0.12 * len(classes) * len(done))), 2.8))
     for i, r in enumerate(done):
         values = [100 * (r["result"]["per_class_iou"].get(c) or 0) for c in classes]
         ax.bar([k + i * width for k in range(len(classes))], values, width, label=r["label"])
@@ -607,9 +607,12 @@ def training_step(used, weights):
     for name in used:
         lines += STEP_LINES.get(name, [f"    terms['{name}'] = L_{name}(student, teacher)"
                                        "  # its formula above"])
-    total = " + ".join(["(1 - alpha) * terms['ce']" if "kd" in used else "terms['ce']"]
-                       + [f"{weights[n]} * terms['{n}']" for n in used])
-    return "\n".join(lines + [f"    loss = {total}",
+    parts = (["(1 - alpha) * terms['ce']" if "kd" in used else "terms['ce']"]
+             + [f"{weights[n]} * terms['{n}']" for n in used])
+    total = "    loss = " + " + ".join(parts)
+    if len(total) > 90:  # one term a line: a wrapped line would break the indentation
+        total = "    loss = (" + "\n            + ".join(parts) + ")"
+    return "\n".join(lines + [total,
                               "    optimizer.zero_grad(); loss.backward(); optimizer.step()"
                               + ("  # student and adapters" if "feat" in used else ""),
                               "    # after each epoch: scheduler.step() (poly decay by default)"])
@@ -884,10 +887,19 @@ def gain_facts(ctx):
         return facts
     base = next((r["result"] for r in ctx.rows if r["method"] == "no_kd" and r["result"]), None)
     for r in claimed(ctx):
-        if base and r["method"] not in ("teacher", "no_kd"):
+        runs = ctx.runs.get(r["method"]) or []
+        distilled = any(w > 0 for run in runs for w in run_weights(run).values())
+        if base and distilled:
             facts.append(f"{r['label']}: {100 * (r['result']['miou'] - base['miou']):+.2f} "
-                         "points over no KD (one run each: no interval; several seeds give "
-                         "one, as `python sweep.py` does).")
+                         "points over no KD.")
+        elif base and runs and r["method"] != "no_kd":  # another student trained without KD
+            facts.append(f"{r['label']} (student '{runs[0].summary.get('student')}', "
+                         f"{r['result']['params']:,} parameters): "
+                         f"{100 * (r['result']['miou'] - base['miou']):+.2f} points against no "
+                         f"KD ({base['params']:,} parameters).")
+    if facts:
+        facts.append("One run per method: these differences have no interval; several seeds "
+                     "of each (`python sweep.py`) give one.")
     return facts
 
 
