@@ -303,3 +303,33 @@ def test_page_count_is_printed_and_warned_outside_four_to_six(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"({pages} pages;" in captured.out
     assert f"warning: report.pdf has {pages} pages; the lab asks for 4-6" in captured.err
+
+
+def test_curve_titles_fit_their_figure_and_epochs_are_integers(tmp_path):
+    """A long run name used to run the mIoU title off the figure's right edge, and the
+    epoch axis showed 2.5, 7.5, ..."""
+    import matplotlib.pyplot as plt
+    import plots
+    name = "demo_students_2ef8b4c1_alpha0.5_beta0.5_seed0"
+    records = [{"epoch": e, "loss_total": 1.0 / e, "val_miou": 0.5 if e % 3 == 0 else None}
+               for e in range(1, 10)]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def check(fig, *args, **kwargs):  # the figure as it is saved
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            box = ax.title.get_window_extent(renderer)
+            assert 0 <= box.x0 and box.x1 <= fig.bbox.width, ax.title.get_text()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert all(float(t).is_integer() for t in ticks), ticks
+        drawn.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    import unittest.mock
+    with unittest.mock.patch.object(plt.Figure, "savefig", check):
+        plots.plot_history(tmp_path / "history.jsonl", tmp_path, name)
+        plots.method_panels([(name, [records, records])], tmp_path / "panels.png")
+    assert len(drawn) == 3
