@@ -179,7 +179,8 @@ def _measure(model, rows, image_size):
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, *image_size))
+            device = next(model.parameters()).device  # a model already on a GPU runs there
+            model(torch.zeros(1, 3, *image_size, device=device))
     finally:
         model.train(was_training)
         for handle in handles:
