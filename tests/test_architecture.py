@@ -97,6 +97,15 @@ def test_aspp_rates_and_strides_read_from_the_convs(students):
         assert "tap 'high'" in rows["backbone.12"].operator
 
 
+def test_measuring_leaves_the_model_as_it_was():
+    torch.manual_seed(1)
+    model = CompactStudentModel("lite", pretrained_backbone=False).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    architecture.block_table(model, SIZES[0])
+    assert model.training  # and the BatchNorm statistics did not move (measured in eval)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_adapters_rows_have_no_size_and_count_their_parameters(students):
     model, adapters = students["lite"], architecture.build_adapters()
     blocks = architecture.block_table(model, SIZES[0], adapters)
