@@ -318,6 +318,14 @@ class Term:
     reads: frozenset
     weight: Option
     params: tuple = ()
+    # For the report: a human name, the formula in typst math (the text between $ $, the
+    # right-hand side only, written once here and rendered by report.py), the symbol that
+    # stands for the term in ``total_formula``, and the key of its paper in
+    # architecture.CITATIONS.
+    label: str = ""
+    formula: str = ""
+    symbol: str = ""
+    paper: str = ""
 
 
 ADAPTED_TAPS = ("low", "mid", "high")
@@ -328,26 +336,85 @@ TERMS = {
                Option(("--alpha",), 0.0, "weight of the Hinton KD term; CE gets 1 - alpha "
                       "(0 = no response KD)", high=1.0),
                (Option(("--tau", "--temp"), 4.0, "softmax temperature of the KD term (--temp "
-                       "is an alias)", open_low=True),)),
+                       "is an alias)", open_low=True),),
+               label="Response-based KD (Hinton)",
+               formula=r'tau^2/abs(Omega) sum_(i in Omega) "KL"(sigma(z_T (i) \/ tau) || '
+                       r'sigma(z_S (i) \/ tau))',
+               symbol='cal(L)_"KD"', paper="hinton"),
     "feat": Term(_tap_term(cosine_feature_loss, ADAPTED_TAPS, "adapted"), frozenset({"adapted"}),
                  Option(("--beta",), 0.0, "weight of the cosine feature term, averaged over "
-                        "the low/mid/high taps")),
+                        "the low/mid/high taps"),
+                 label="Feature-based KD (cosine hint loss)",
+                 formula=r'1/3 sum_(t in {"low", "mid", "high"}) 1/abs(Omega_t) '
+                         r'sum_(i in Omega_t) (1 - cos(tilde(f)_S^t (i), f_T^t (i))), quad '
+                         r'tilde(f)_S^t = "resize"(A_t (f_S^t))',
+                 symbol='cal(L)_"feat"', paper="fitnets"),
     "pixel": Term(lambda s, t, p: pixelwise_preact_loss(s.taps["preact"], t.taps["preact"]),
                   frozenset({"taps", "preact"}),
                   Option(("--w-pixel",), 0.0, "weight of the pixel-wise pre-activation loss "
-                         "L_pi on the last layer before the classifier (seed paper: 100)")),
+                         "L_pi on the last layer before the classifier (seed paper: 100)"),
+                  label="Pixel-wise pre-activation distillation (L_pi)",
+                  formula=r'1/abs(Omega) sum_(i in Omega) m_i (G_T (i) - G_S (i))^2, quad '
+                          r'G = sum_c F_c, quad m_i = cases(0 "if" G_S (i) <= G_T (i) <= 0, '
+                          r'1 "otherwise")',
+                  symbol='cal(L)_"pi"', paper="overhaul"),
     "pair": Term(lambda s, t, p: pairwise_similarity_loss(s.taps["high"], t.taps["high"]),
                  frozenset({"taps"}),
                  Option(("--w-pair",), 0.0, "weight of the pair-wise similarity loss L_pa on "
-                        "the encoder's 'high' tap, 3x3 nodes (seed paper: 1)")),
+                        "the encoder's 'high' tap, 3x3 nodes (seed paper: 1)"),
+                 label="Pair-wise similarity distillation (L_pa)",
+                 formula=r'1/g^4 sum_(j,k=1)^(g^2) (a^S_(j k) - a^T_(j k))^2, quad '
+                         r'a_(j k) = hat(f)_j dot hat(f)_k, quad g = 3',
+                 symbol='cal(L)_"pa"', paper="skd"),
     "at": Term(_tap_term(attention_transfer_loss, ("low", "mid", "high")), frozenset({"taps"}),
                Option(("--w-at",), 0.0, "weight of attention transfer, averaged over the "
-                      "low/mid/high taps")),
+                      "low/mid/high taps"),
+               label="Attention transfer",
+               formula=r'1/3 sum_t 1/abs(Omega_t) sum_(i in Omega_t) (q_S^t (i) - q_T^t (i))^2, '
+                       r'quad q = m / norm(m)_2, quad m = 1/C sum_c F_c^2',
+               symbol='cal(L)_"AT"', paper="attention_transfer"),
     "cwd": Term(lambda s, t, p: cwd_loss(s.logits, t.logits, p["cwd_tau"]), frozenset(),
                 Option(("--w-cwd",), 0.0, "weight of channel-wise distillation (CWD) on the "
                        "logits"),
-                (Option(("--cwd-tau",), 4.0, "temperature of the CWD term", open_low=True),)),
+                (Option(("--cwd-tau",), 4.0, "temperature of the CWD term", open_low=True),),
+                label="Channel-wise distillation (CWD)",
+                # its own temperature (--cwd-tau), apart from the KD term's tau
+                formula=r'tau_"CWD"^2/C sum_(c=1)^C "KL"(sigma_(H W)(z_(T,c) \/ tau_"CWD") || '
+                        r'sigma_(H W)(z_(S,c) \/ tau_"CWD"))',
+                symbol='cal(L)_"CWD"', paper="cwd"),
 }
+
+# The cross-entropy term in the same typst math (not a row of TERMS: CE gets 1 - alpha).
+CE_FORMULA = r'-1/abs(V) sum_(i in V) log sigma(z_S (i))_(y_i), quad V = {i : y_i != 255}'
+CE_SYMBOL = 'cal(L)_"CE"'
+
+
+def _typst_number(x):
+    """``x`` as typst math: 0.5, 100, or 1 times 10^(-5) (never Python's '1e-05')."""
+    text = f"{x:g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa} times 10^({int(exponent)})"
+
+
+def total_formula(weights):
+    """The total loss in typst math with its non-zero weights filled in, e.g.
+    ``cal(L) = 0.5 dot cal(L)_"CE" + 0.5 dot cal(L)_"KD" + 1 dot cal(L)_"feat"`` for
+    {'kd': 0.5, 'feat': 1.0}. ``weights``: {term of TERMS: weight}, as the criterion's
+    base weights or its ``weights()`` (then 'ce' is given; otherwise CE gets 1 - weights['kd']).
+    Each symbol is the ``symbol`` of its TERMS row (CE_SYMBOL for CE); zero weights are left out.
+    """
+    unknown = set(weights) - set(TERMS) - {"ce"}
+    if unknown:
+        raise KeyError(f"unknown loss terms {sorted(unknown)}; known: ce, {', '.join(TERMS)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"loss weights must be >= 0; got {weights}")
+    ce = weights.get("ce", 1.0 - weights.get("kd", 0.0))
+    parts = [(ce, CE_SYMBOL)] + [(weights.get(name, 0.0), term.symbol)
+                                 for name, term in TERMS.items()]
+    summands = [f"{_typst_number(w)} dot {symbol}" for w, symbol in parts if w != 0]
+    return "cal(L) = " + (" + ".join(summands) or "0")
 
 
 def term_options():
