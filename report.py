@@ -28,20 +28,14 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import losses
 import plots
 import sweep
 import typeset
 from checkpoints import read_history
-from losses import TERMS
 from typeset import Bullets, Code, Figure, Grid, Heading, Markdown, Math, Only, Para, Table
 from utils import REPO_DIR, HelpFormatter, UserError, count_params, markdown_table, run_cli
 
-# written once in losses.py (issue 21's ARCH part); plain fallbacks until it lands
-CE_FORMULA = getattr(losses, "CE_FORMULA", '"CE"(y, z_s)')
-total_formula = getattr(losses, "total_formula", lambda weights: "L = " + " + ".join(
-    [f"{1 - weights.get('kd', 0):g} dot.c \"CE\""]
-    + [f"{w:g} dot.c L_\"{n}\"" for n, w in weights.items()]))
+from losses import CE_FORMULA, CE_SYMBOL, TERMS, total_formula
 
 METHODS = (  # name, label in the lab's table
     ("teacher", "Teacher"),
@@ -483,25 +477,31 @@ def architecture_section(ctx):
         return doc + [Para("not built: `architecture.py` is missing from this checkout")]
     size = next((r.args.get("crop_size") for rs in ctx.runs.values() for r in rs
                  if r.args.get("crop_size")), 480)
+    teacher = next((r.args.get("teacher") for rs in ctx.runs.values() for r in rs
+                    if run_weights(r).get("feat", 0) > 0), None)  # adapters: feature KD only
     for kind in kinds or ["lite"]:
-        doc += architecture_table(architecture, kind, size)
+        doc += architecture_table(architecture, kind, size, teacher)
     doc += [Para(architecture_prose(ctx)), Para("**References.**", size=8.5),
             Bullets([architecture.CITATIONS[k] for k in cited_papers(ctx, architecture)])]
     return doc
 
 
-def architecture_table(architecture, kind, size):
-    """One student's block table at a size×size input; its total must equal count_params."""
+def architecture_table(architecture, kind, size, teacher=None):
+    """One student's block table at a size×size input, with the adapters to ``teacher``'s
+    widths when feature KD ran; the student's rows must sum to count_params."""
     model = architecture.build_student(kind)
-    blocks = architecture.block_table(model, image_size=(size, size))
+    adapters = architecture.build_adapters(teacher) if teacher else None
+    blocks = architecture.block_table(model, image_size=(size, size), adapters=adapters)
     header, rows = architecture.markdown_rows(blocks)
-    total, counted = sum(b.params for b in blocks), count_params(model)
-    if total != counted:  # the table would describe another model than the code
+    total = sum(b.params for b in blocks if b.part != "adapters")
+    if total != count_params(model):  # the table would describe another model than the code
         raise UserError(f"architecture.block_table('{kind}') sums to {total:,} parameters but "
-                        f"the model has {counted:,}; fix architecture.py")
-    return [Table(list(header), rows, size=6.8,
-                  title=f"Student '{kind}': every block at a {size}×{size} input; total "
-                        f"{counted:,} parameters (= count_params)")]
+                        f"the model has {count_params(model):,}; fix architecture.py")
+    extra = (f", plus {count_params(adapters):,} in the adapters to {teacher} (training only)"
+             if adapters is not None else "")
+    return [Table(list(header), rows, size=6.5,
+                  title=f"Student '{kind}' at a {size}×{size} input: {total:,} parameters "
+                        f"(= count_params){extra}")]
 
 
 def architecture_prose(ctx):
@@ -528,7 +528,7 @@ def cited_papers(ctx, architecture):
     """MobileNetV3, ASPP and Hinton always; then the paper of every KD term that was used."""
     keys = ["mobilenetv3", "deeplab_aspp", "hinton"]
     for name in used_terms(ctx):
-        paper = getattr(TERMS[name], "paper", None)
+        paper = TERMS[name].paper
         if paper and paper not in keys:
             keys.append(paper)
     return [k for k in keys if k in architecture.CITATIONS]
@@ -572,10 +572,10 @@ def kd_section(ctx):
     doc = [Heading(SECTIONS[1]),
            Para("Every run minimises one loss; each term below is rendered from its row of "
                 "`losses.TERMS`, where it is written once. Cross-entropy over the labelled "
-                "pixels (label 255 ignored):"), Math(CE_FORMULA)]
+                "pixels (label 255 ignored):"), Math(f"{CE_SYMBOL} = {CE_FORMULA}", "cross-entropy")]
     for name in used_terms(ctx):
         term = TERMS[name]
-        doc.append(Math(getattr(term, "formula", f"L_\"{name}\""), getattr(term, "label", name)))
+        doc.append(Math(f"{term.symbol} = {term.formula}", term.label))
     doc.append(Para("The total loss of each reported setting, at the weights it was run with:"))
     for methods, weights, params in weight_settings(ctx):
         extra = ", ".join(f"{k} = {v:g}" for k, v in params.items())
@@ -831,7 +831,8 @@ def gallery_blocks(ctx):
         markdown += [Para(f"**{r['label']}**")] + [Figure(p, Path(p).stem) for p in paths]
         picks = [next((p for p in paths if Path(p).name.startswith(k)), None)
                  for k in ("success", "failure")]
-        pdf += [Figure(p, "") for p in picks if p]
+        pdf += [Figure(p, f"{r['label']}: {Path(p).stem.replace('_', ' ', 1)}")
+                for p in picks if p]
     if not markdown:
         return [Para("Successes and failures: not run: add `--visualize` to an evaluate.py "
                      "command of test.txt")]

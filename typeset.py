@@ -202,7 +202,8 @@ def table_typst(block):
     cells = [f"[*{inline_typst(str(h))}*]" for h in block.header]
     cells += [f"[{inline_typst(str(c))}]" for row in block.rows for c in row]
     title = f"#text(weight: \"bold\")[{inline_typst(block.title)}]\n" if block.title else ""
-    return (f"#block(breakable: true)[{title}#text(size: {block.size}pt)[#table(\n"
+    breakable = "true" if len(block.rows) > 12 else "false"  # a short table stays whole
+    return (f"#block(breakable: {breakable})[{title}#text(size: {block.size}pt)[#table(\n"
             f"  columns: ({', '.join(columns)},),\n  inset: (x: 3pt, y: 2pt),\n"
             f"  stroke: 0.4pt + luma(160),\n  " + ",\n  ".join(cells) + ",\n)]]")
 
@@ -213,7 +214,10 @@ def figure_typst(block):
 
 
 def grid_typst(block):
-    images = ", ".join(f"image({typst_string(f.path)}, width: 100%)" for f in block.figures)
+    # each image with its own caption line under it (the PNG's own title prints too small)
+    images = ", ".join(f"[#image({typst_string(f.path)}, width: 100%)"
+                       + (f" #align(center)[#text(size: 7pt)[{inline_typst(f.caption)}]]"
+                          if f.caption else "") + "]" for f in block.figures)
     caption = f", caption: [{inline_typst(block.caption)}]" if block.caption else ""
     return (f"#figure(grid(columns: {block.columns}, gutter: 4pt, {images}){caption})")
 

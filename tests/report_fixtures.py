@@ -94,7 +94,7 @@ def demo_tree(root, seeds=(0, 1, 2, 3), seed=0):
     """outputs/ and plots/ as python demo.py leaves them (paired seeds, 'val' reported)."""
     rng, outputs = random.Random(seed), Path(root) / "outputs"
     common = ["--epochs", 12, "--val-every", 3, "--crop-size", 96, "--batch-size", 8,
-              "--lr", 0.01, "--no-pretrained-backbone", "--val-split", "select"]
+              "--lr", 0.01, "--no-pretrained-backbone", "--val-split", "select", "--teacher", "lite"]
     teacher = "demo_teacher_75ff3821"
     write_run(outputs, teacher, run_args(teacher, *common), rng)
     t_eval = outputs / "demo" / f"{teacher}_last_eval.json"
