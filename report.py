@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import plots
-import sweep
 import typeset
 from checkpoints import read_history
 from typeset import Bullets, Code, Figure, Grid, Heading, Markdown, Math, Only, Para, Table
@@ -811,13 +810,22 @@ def seeds_table(demo_results):
     rows = []
     for r in demo_results["rows"]:
         g = r.get("paired_gain")
-        mean, std, n = sweep.mean_std(r["mious"])
-        rows.append([label_of(r["method"]), sweep.fmt_mean_std(mean, std, n), str(n),
-                     sweep.fmt_gain(g) if g else "", g["verdict"] if g else ""])
+        mious = r["mious"]
+        std = statistics.stdev(mious) if len(mious) > 1 else 0.0
+        spread = f" ± {100 * std:.2f}" if len(mious) > 1 else ""
+        rows.append([label_of(r["method"]), f"{100 * statistics.fmean(mious):.2f}{spread}",
+                     str(len(mious)), fmt_gain(g) if g else "", g["verdict"] if g else ""])
     return Table(["method", "mIoU (%) mean ± std", "seeds", "gain over no KD, 95% CI (paired t)",
                   "verdict"], rows, size=7.5,
                  title=f"All seeds (demo_results.json), final checkpoints scored on "
                        f"'{demo_results.get('reported_split', 'val')}', which chose nothing")
+
+
+def fmt_gain(g):
+    """'+gain [low, high]' in points (sweep.fmt_gain's form; sweep.py is an entry script)."""
+    if g["n"] < 2:
+        return f"{100 * g['gain']:+.2f}"
+    return f"{100 * g['gain']:+.2f} [{100 * g['ci_low']:+.2f}, {100 * g['ci_high']:+.2f}]"
 
 
 def gallery_blocks(ctx):

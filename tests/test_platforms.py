@@ -130,7 +130,7 @@ def test_ctrl_break_stops_a_run_like_sigterm(monkeypatch):
 # --------------------------------------------------------------------------- flags
 
 ENTRY = ["train_kd", "test_teacher", "evaluate", "demo", "benchmark", "compress", "report", "sweep",
-         "data", "plots"]
+         "data", "plots", "typeset"]
 
 
 @pytest.mark.parametrize("name", ENTRY)
