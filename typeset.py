@@ -280,7 +280,8 @@ def compile_pdf(typ_path, pdf_path):
                       ignore_system_fonts=True)
     except RuntimeError as exc:  # typst reports source errors as one exception
         raise UserError(f"{typ_path}: typst could not compile it ({' '.join(str(exc).split())[:300]}); "
-                        "fix the file, or rerun python report.py to rewrite it") from None
+                        "a $formula$ in students/*.md is typst math: fix it there (or a hand "
+                        "edit of this file), then rerun python report.py") from None
     return len(PdfReader(str(pdf_path)).pages)
 
 
