@@ -80,7 +80,7 @@ def get_args_parser():
                    help="KD temperature (the sweep: 1 above 2 and 4)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds, each run by every method (paired)")
-    g.add_argument("--val-every", type=int, default=10, metavar="N",
+    g.add_argument("--val-every", type=int, default=5, metavar="N",
                    help="draw the 'select' curve every N epochs and after the last (scoring the "
                         "150 'select' images costs about a third of an epoch; docs/benchmark.md)")
     g.add_argument("--jobs", type=int, default=2,
