@@ -37,7 +37,11 @@ def wrap_to_figure(fig, text, fontsize):
 
 
 def epoch_axis(ax):
-    """Epochs are whole numbers: no 2.5 or 7.5 ticks."""
+    """Epochs are whole numbers: no 2.5 or 7.5 ticks. Call it after plotting."""
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:  # a single point: autoscale's margins hold no whole number to tick
+        mid = round((lo + hi) / 2)
+        ax.set_xlim(mid - 1, mid + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
