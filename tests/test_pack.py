@@ -172,6 +172,7 @@ def rezip(src, dst, drop=(), replace=None):
     return dst
 
 
+@pytest.mark.slow
 def test_broken_zips_each_fail_naming_the_file_or_run(lab, tmp_path):
     """Three broken submissions and a good one, checked at once into one sheet."""
     repo, voc, good = lab
@@ -259,3 +260,19 @@ def test_check_reads_page_count_and_headings_from_the_pdf(tmp_path):
     assert pack.claimed(text, "a_eval.json") == (41.20, 1_298_981)
     assert pack.claimed(text, "eval.json") == (None, None)  # a basename, not a suffix
     assert pdf.is_file()
+
+
+def test_a_git_checkout_packs_its_tracked_files_only(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+    git = lambda *argv: subprocess.run(["git", *argv], cwd=tmp_path, check=True,
+                                       capture_output=True)
+    git("init", "-q")
+    (tmp_path / "kept.py").write_text("tracked")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/also.txt").write_text("tracked")
+    (tmp_path / "scratch.py").write_text("untracked")
+    git("add", "kept.py", "sub/also.txt")
+    assert sorted(pack.tracked_files(tmp_path)) == ["kept.py", "sub/also.txt"]
+    shutil.rmtree(tmp_path / ".git")  # the walk, without git
+    assert sorted(pack.tracked_files(tmp_path)) == ["kept.py", "scratch.py", "sub/also.txt"]
