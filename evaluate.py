@@ -91,8 +91,8 @@ def main(args):
     json_path = args.json or str(Path(args.output_dir) / f"{stem}_eval.json")
     arch = ckpt["model_args"]["arch"]
     extra = {"model": arch, "checkpoint": str(args.model_path), "epoch": ckpt.get("epoch"),
-             "data_root": str(args.data_root), "split": args.split, "threads": args.threads,
-             "workers": args.workers}
+             "data_root": str(args.data_root), "split": args.split, "limit": args.limit,
+             "amp": args.amp, "threads": args.threads, "workers": args.workers}
     # per-image scores only to pick the overlays: they cost a matrix and its scores per image
     results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
                                   None, extra, amp=args.amp, per_image=args.visualize)

@@ -48,8 +48,10 @@ def main(args):
     print(set_compute_resources(args, device))
     loader = eval_loader(args.data_root, args.limit, args.workers, download=not args.no_download)
     model = load_model(args.arch, args.weights)
+    # what shapes the number, so that pack.py --check can rerun like with like
     extra = {"model": args.arch, "weights": args.weights, "data_root": str(args.data_root),
-             "threads": args.threads, "workers": args.workers}
+             "split": "val", "limit": args.limit, "amp": args.amp, "threads": args.threads,
+             "workers": args.workers}
     evaluate_and_report(model, loader, device, f"teacher {args.arch}", count_params(model),
                         args.json, extra, amp=args.amp)
 

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +32,9 @@ from PIL import Image
 from scipy.io import savemat
 
 from conftest import REPO
+from contract_pdf import reproduce_row, write_contract_pdf
 from data import synth_sample, write_synth_voc
+from pack import evaluations, named_checkpoints
 
 SITE = REPO / "tests" / "rehearsal_site"
 TRAIN = ["--epochs", "1", "--limit-train", "4", "--limit-val", "2", "--batch-size", "2",
@@ -248,3 +251,82 @@ def test_the_compress_line_writes_every_variant(rehearsal):
     # a pruned checkpoint loads like any other
     model, _ = model_from_checkpoint(repo / rows["pruned_channels"]["file"])
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+
+
+# --------------------------------------------------------------------------- the submission
+
+def contract_pdf(repo):
+    """report/report.pdf as report.py writes it; where this branch's report.py writes none,
+    a stand-in made as the report contract states, from the rehearsal's own result files."""
+    pdf = repo / "report" / "report.pdf"
+    if not pdf.is_file():
+        rows = [reproduce_row(repo / result, next((p.rsplit("/", 1)[-1] for p in
+                                                   named_checkpoints(argv)), "torchvision default"))
+                for _, argv, result in evaluations(repo)]
+        write_contract_pdf(pdf, rows)
+    return pdf
+
+
+def run_pack(repo, env, *argv):
+    proc = subprocess.run([sys.executable, "pack.py", *argv], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    print(proc.stdout[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def submission(rehearsal, hub_cache, download_server):
+    """pack.py on the rehearsal's results: (repo, env, the zip)."""
+    repo, failures = rehearsal
+    assert not failures, "\n\n".join(failures)
+    contract_pdf(repo)
+    env = rehearsal_env(hub_cache, download_server)
+    proc = run_pack(repo, env, "--student-number", "12345678")
+    assert proc.returncode == 0, proc.stderr
+    return repo, env, repo / "12345678.zip"
+
+
+def test_pack_and_check_pass_on_the_rehearsals_own_results(submission):
+    repo, env, zip_path = submission
+    proc = run_pack(repo, env, "--check", zip_path.name, "--data-root", "data",
+                    "--json", "outputs/pack_check.json")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    [result] = read(repo, "outputs/pack_check.json")["submissions"]
+    runs = [r for r in result["rows"] if r["check"].startswith("mIoU ")]
+    assert len(runs) == len([line for line in lab_lines("test.txt")
+                             if script_of(line) in ("test_teacher.py", "evaluate.py")])
+    assert all(r["ok"] == "yes" for r in runs)  # every one compared, the teacher's too
+
+
+def test_three_broken_zips_of_the_rehearsal_fail_naming_the_file_or_run(submission, tmp_path):
+    """A checkpoint swapped for another run's, a missing one, a report claiming more."""
+    repo, env, good = submission
+    with zipfile.ZipFile(good) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    # the true table with no_kd's mIoU 3 points higher
+    rows = [reproduce_row(repo / result, "x") for _, _, result in evaluations(repo)]
+    rows = [(r[0], f"{float(r[1]) + 3:.2f}" if r[0] == "no_kd_eval.json" else r[1], *r[2:])
+            for r in rows]
+    edited_pdf = write_contract_pdf(tmp_path / "edited.pdf", rows)
+    broken = {
+        "swapped": {**files, "models/no_kd_last.pth": files["models/response_kd_last.pth"]},
+        "missing": {n: b for n, b in files.items() if n != "models/no_kd_last.pth"},
+        "edited": {**files, "report/report.pdf": edited_pdf.read_bytes()},
+    }
+    zips = []
+    for kind, content in broken.items():
+        path = tmp_path / kind / "12345678.zip"
+        path.parent.mkdir()
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in content.items():
+                zf.writestr(name, data)
+        zips.append(str(path))
+    proc = run_pack(repo, env, "--check", *zips, "--data-root", "data", "--skip-teacher",
+                    "--json", str(tmp_path / "broken.json"), "--sheet", str(tmp_path / "s.csv"))
+    assert proc.returncode == 1, proc.stderr
+    swapped, missing, edited = json.loads((tmp_path / "broken.json").read_text())["submissions"]
+    failed = lambda r: {x["check"].split(" (")[0] for x in r["rows"] if x["ok"] == "NO"}
+    assert "checkpoint models/no_kd_last.pth" in failed(swapped)
+    assert {"checkpoint models/no_kd_last.pth", "rerun no_kd_eval.json"} <= failed(missing)
+    assert "mIoU no_kd_eval.json" in failed(edited)
+    assert not {c for c in failed(edited) if c.startswith("mIoU ") and "no_kd" not in c}
