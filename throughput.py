@@ -42,7 +42,7 @@ from utils import TORCH_DEFAULT_THREADS, set_compute_resources, torch_save
 
 SIZES = {"voc": {"size": 440, "crop": 480, "scale": (0.5, 2.0), "train": 48, "val": 16},
          "demo": {"size": 96, "crop": 96, "scale": (0.75, 1.5), "train": 160, "val": 150,
-                  "val_every": 10}}  # demo.py's; val is its 'select' (a test holds them equal)
+                  "val_every": 5}}  # demo.py's; val is its 'select' (a test holds them equal)
 QUIET = argparse.Namespace(amp=False, progress=False, log_every=0)
 
 
