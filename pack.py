@@ -30,6 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import typeset
 from utils import REPO_DIR, HelpFormatter, UserError, git_revision, ranged, run_cli, save_json
 
 PDF = "report/report.pdf"
@@ -386,10 +387,8 @@ def check_checkpoint(tree, path, numbers, manifest):
 
 def pdf_text(path):
     """(page count, the text of all pages with whitespace runs as one space)."""
-    import pypdf
-    reader = pypdf.PdfReader(io.BytesIO(Path(path).read_bytes()))
-    text = " ".join(page.extract_text() or "" for page in reader.pages)
-    return len(reader.pages), " ".join(text.split())
+    pages = typeset.pdf_pages(path)
+    return len(pages), " ".join(" ".join(pages).split())
 
 
 def claimed(text, basename):

@@ -285,10 +285,15 @@ def compile_pdf(typ_path, pdf_path):
     return len(PdfReader(str(pdf_path)).pages)
 
 
-def pdf_text(pdf_path):
-    """The PDF's text, page by page joined (pypdf), as a reader such as pack.py sees it."""
+def pdf_pages(pdf_path):
+    """Each page's text as pypdf extracts it: what a reader such as pack.py --check sees."""
     from pypdf import PdfReader
-    return "\n".join(page.extract_text() for page in PdfReader(str(pdf_path)).pages)
+    return [page.extract_text() or "" for page in PdfReader(str(pdf_path)).pages]
+
+
+def pdf_text(pdf_path):
+    """The PDF's text, its pages joined by newlines."""
+    return "\n".join(pdf_pages(pdf_path))
 
 
 def get_args_parser():
