@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from utils import HelpFormatter, UserError, count_params, markdown_table, run_cli
+from cli import HelpFormatter, UserError, markdown_table, run_cli
+from compute import count_params
 
 STUDENTS = ("lite", "lab")
 
@@ -232,7 +233,7 @@ def _cell(value):
 
 
 def markdown_rows(blocks):
-    """(header, rows) of strings for ``utils.markdown_table`` or a typst table."""
+    """(header, rows) of strings for ``cli.markdown_table`` or a typst table."""
     header = ("block", "part", "operator", "kernel", "stride", "dilation", "channels",
               "output size", "parameters")
     rows = [(b.name, b.part, b.operator, _cell(b.kernel), _cell(b.stride), _cell(b.dilation),

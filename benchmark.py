@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine import logits_of, percentile, time_interleaved
 from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
-from utils import (HelpFormatter, add_compute_flags, amp_dtype, count_params, device_name,
-                   git_revision, markdown_table, resolve_device, run_cli, save_json,
-                   set_compute_resources, synchronize)
+from cli import HelpFormatter, git_revision, markdown_table, run_cli
+from compute import (add_compute_flags, amp_dtype, count_params, device_name, resolve_device,
+                     set_compute_resources, synchronize)
+from files import save_json
 
 
 def get_args_parser():

@@ -7,7 +7,7 @@ scheduler, scaler, finished ``epoch``, ``args``, ``best_miou``, the adapters, an
 stopped mid-epoch a ``partial`` record (step, loss sums, the random state of every process).
 
 Stop and resume: Ctrl-C or SIGTERM asks the training loop to stop after its step
-(``utils.StopRequest``); the loop raises ``Interrupted`` with the partial record,
+(``files.StopRequest``); the loop raises ``Interrupted`` with the partial record,
 ``save_interrupted`` writes it into NAME_last.pth and ``exit_interrupted`` ends the process
 with 128 + the signal number. ``--resume auto`` finds that file (``resolve_resume``), and the
 loop replays the epoch's first batches and the random state (engine.train_one_epoch), so the
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from losses import term_options
-from utils import UserError, atomic_write, torch_save
+from cli import UserError
+from files import atomic_write, torch_save
 
 # flags that shape the training itself: resuming with other values gives another run (the
 # distillation terms' weights and parameters come from their table, losses.TERMS)

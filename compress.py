@@ -41,8 +41,9 @@ from checkpoints import model_record
 from data import build_dataset, eval_loader, eval_transforms, to_model_input
 from engine import evaluate, logits_of, percentile, time_interleaved
 from nets import model_from_checkpoint
-from utils import (HelpFormatter, UserError, add_compute_flags, device_name, git_revision,
-                   markdown_table, run_cli, save_json, set_compute_resources, torch_save)
+from cli import HelpFormatter, UserError, git_revision, markdown_table, run_cli
+from compute import add_compute_flags, device_name, set_compute_resources
+from files import save_json, torch_save
 
 
 def get_args_parser():

@@ -11,6 +11,7 @@ everything runs offline.
 import argparse
 import os
 import shlex
+import signal
 import sys
 import urllib.error
 from pathlib import Path
@@ -19,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from utils import HelpFormatter, UserError, WorkerSafeLoader, quiet_worker, reason
+from cli import HelpFormatter, UserError, one_line
 
 IGNORE_INDEX = 255  # "void" in VOC masks: object borders, padding; never a class
 NUM_CLASSES = 21
@@ -314,7 +315,7 @@ def ensure_voc(root, download=True):
     try:
         datasets.VOCSegmentation(str(root), year="2012", image_set="train", download=True)
     except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
-        raise UserError(_manual_voc_message(root, reason(exc, 200))) from None
+        raise UserError(_manual_voc_message(root, one_line(exc, 200))) from None
     return voc_dir
 
 
@@ -378,7 +379,7 @@ def ensure_sbd(sbd_root, download=True):
         datasets.SBDataset(str(sbd_root), image_set="train_noval", mode="segmentation",
                            download=True)
     except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
-        raise UserError(_manual_sbd_message(sbd_root, reason(exc, 200))) from None
+        raise UserError(_manual_sbd_message(sbd_root, one_line(exc, 200))) from None
 
 
 def sbd_files(sbd_root, download=True):
@@ -492,6 +493,42 @@ def collate_pairs(batch):
     image at 480 px); ``to_model_input`` makes them contiguous on the device."""
     images = default_collate([image.permute(1, 2, 0) for image, _ in batch])
     return images.permute(0, 3, 1, 2), default_collate([mask for _, mask in batch])
+
+
+def quiet_worker(worker_id):
+    """DataLoader ``worker_init_fn``: leave Ctrl-C to the main process.
+
+    A terminal's Ctrl-C reaches every process of the job. A worker that died of it would
+    make the main process fail mid-step; the main process instead finishes the step, saves,
+    and shuts its workers down itself. SIGTERM keeps its default: it is how the DataLoader
+    (and multiprocessing at exit) ends its workers, so a worker must never ignore it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (WorkerSafeLoader)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class WorkerSafeLoader(DataLoader):
+    """A DataLoader whose worker processes a Ctrl-C cannot kill while they start.
+
+    A terminal's Ctrl-C reaches every process of the job. A worker still starting (under
+    spawn, the default on macOS and Windows, that takes seconds: it imports torch) would die
+    of it before ``quiet_worker`` ignores it, and the main process would then fail with
+    "DataLoader worker exited unexpectedly" instead of saving. So SIGINT is blocked in this
+    thread while the workers are created: they inherit the block, and ``quiet_worker``
+    ignores SIGINT before unblocking it. A Ctrl-C meanwhile stays pending, and reaches the
+    main process's handler as soon as the workers are launched. (POSIX; Windows has no
+    signal masks.)
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def loader(dataset, batch_size, sampler, workers, pin_memory=False, drop_last=False):
@@ -687,5 +724,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from utils import run_cli
+    from cli import run_cli
     run_cli(main, get_args_parser())

@@ -39,8 +39,9 @@ import sweep
 import train_kd
 from data import write_synth_voc
 from plots import comparison_chart
-from utils import (HelpFormatter, UserError, add_compute_flags, device_name, markdown_table,
-                   resolve_device, run_cli, save_json, set_compute_resources)
+from cli import HelpFormatter, UserError, markdown_table, run_cli
+from compute import add_compute_flags, device_name, resolve_device, set_compute_resources
+from files import save_json
 
 METHODS = {(False, False): "no_kd", (True, False): "response_kd", (False, True): "feature_kd",
            (True, True): "combined_kd"}  # (response on, feature on) -> name

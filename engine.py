@@ -19,7 +19,9 @@ from checkpoints import Interrupted, rng_state, set_rng_state
 from data import IGNORE_INDEX, VOC_CLASSES, to_model_input
 from losses import Outputs
 from metrics import confusion_matrix, nan_to_none, scores_from_confusion
-from utils import amp_dtype, device_name, git_revision, save_json, synchronize
+from cli import git_revision
+from compute import amp_dtype, device_name, synchronize
+from files import save_json
 
 
 def logits_of(output):

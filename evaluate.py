@@ -16,8 +16,9 @@ from data import NUM_CLASSES, eval_loader, to_model_input
 from engine import class_map, evaluate_and_report, logits_of
 from nets import model_from_checkpoint
 from plots import save_overlay
-from utils import (HelpFormatter, UserError, add_compute_flags, count_params, resolve_device, run_cli,
-                   save_json, set_compute_resources)
+from cli import HelpFormatter, UserError, run_cli
+from compute import add_compute_flags, count_params, resolve_device, set_compute_resources
+from files import save_json
 
 
 def get_args_parser():

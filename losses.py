@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE_INDEX
-from utils import ranged
+from cli import ranged
 
 
 def _check_4d(name, x):

@@ -7,6 +7,7 @@ segmentation models (``fcn_resnet50``, ``fcn_resnet101``, ``deeplabv3_resnet50``
 Every checkpoint this repo writes holds ``model`` (a state dict) and ``model_args``
 (``{'arch': ..., 'num_classes': ...}``), so ``build_model(**model_args)`` rebuilds it alone.
 """
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -17,13 +18,27 @@ from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_seg
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from utils import UserError, load_pretrained, reason
+from cli import UserError, one_line
 
 STUDENT_ARCHS = ("lite", "lab")
 TORCHVISION_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                      "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 TEACHER_ARCHS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
 BASELINE_STUDENTS = ("lraspp_mobilenet_v3_large",)  # off-the-shelf students without taps
+
+
+def load_pretrained(build, weights, what, fix):
+    """``build()``, which loads torchvision's ``weights``; a failed download becomes one line.
+
+    torch reads its hub cache before it downloads, so the message names the exact file that
+    an offline user can place there, and ``fix``, the flag that does without it.
+    """
+    try:
+        return build()
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:  # offline, or a broken file
+        name = weights.url.rsplit("/", 1)[-1]
+        raise UserError(f"could not load {what} ({one_line(exc, 160)}); offline, copy {name} into "
+                        f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or {fix}") from None
 
 
 def build_model(arch, num_classes=21, pretrained=False):
@@ -80,7 +95,7 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({reason(exc, 120)}); the file is "
+        raise UserError(f"{path}: cannot read checkpoint ({one_line(exc, 120)}); the file is "
                         "truncated or not a PyTorch file: re-save or re-download it") from None
 
 
@@ -128,7 +143,7 @@ def load_model(arch, weights, num_classes=21):
         return load_state(model, state, weights, arch)
     except RuntimeError as exc:  # same keys, other shapes (e.g. another class count)
         raise UserError(f"{weights}: weights do not fit {arch} with {num_classes} classes "
-                        f"({reason(exc)}); pass a checkpoint of the same architecture") from None
+                        f"({one_line(exc, 160)}); pass a checkpoint of the same architecture") from None
 
 
 def model_from_checkpoint(path):
@@ -142,7 +157,7 @@ def model_from_checkpoint(path):
     try:
         load_state(model, state, path, model_args["arch"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit {model_args} ({reason(exc)})") from None
+        raise UserError(f"{path}: weights do not fit {model_args} ({one_line(exc, 160)})") from None
     return model, ckpt
 
 

@@ -31,7 +31,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import typeset
-from utils import REPO_DIR, HelpFormatter, UserError, git_revision, ranged, run_cli, save_json
+from cli import REPO_DIR, HelpFormatter, UserError, git_revision, ranged, run_cli
+from files import save_json
 
 PDF = "report/report.pdf"
 MANIFEST = "MANIFEST.json"
@@ -231,7 +232,7 @@ def refuse_stale_pdf(root):
 def checkpoint_params(path, scripts):
     """Parameters of the model a checkpoint holds, as the scripts that read it count them."""
     from nets import load_model, model_from_checkpoint
-    from utils import count_params
+    from compute import count_params
     try:
         model, _ = model_from_checkpoint(path)
     except UserError:

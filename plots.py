@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
 from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
-from utils import HelpFormatter  # noqa: E402
+from cli import HelpFormatter  # noqa: E402
 
 
 def fit_title(ax, text, fontsize=10):

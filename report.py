@@ -32,7 +32,8 @@ import plots
 import typeset
 from checkpoints import read_history
 from typeset import Bullets, Code, Figure, Grid, Heading, Markdown, Math, Only, Para, Table
-from utils import REPO_DIR, HelpFormatter, UserError, count_params, markdown_table, run_cli
+from cli import REPO_DIR, HelpFormatter, UserError, markdown_table, run_cli
+from compute import count_params
 
 from losses import CE_FORMULA, CE_SYMBOL, TERMS, total_formula
 

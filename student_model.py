@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
 
-from utils import load_pretrained
+from nets import load_pretrained
 
 # Head widths: (ASPP channels, decoder channels, separable 3x3 convs?)
 _VARIANTS = {"lab": (256, 256, False), "lite": (96, 96, True)}

@@ -38,8 +38,9 @@ from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
 from plots import bar_chart
-from utils import (HelpFormatter, StopRequest, UserError, markdown_table, ranged, resolve_device,
-                   run_cli, save_json, set_compute_resources)
+from cli import HelpFormatter, UserError, markdown_table, ranged, run_cli
+from compute import resolve_device, set_compute_resources
+from files import StopRequest, save_json
 
 
 class _SweepParser(argparse.ArgumentParser):

@@ -14,8 +14,8 @@ import argparse
 from data import eval_loader
 from engine import evaluate_and_report
 from nets import TEACHER_ARCHS, load_model
-from utils import (HelpFormatter, add_compute_flags, count_params, resolve_device, run_cli,
-                   set_compute_resources)
+from cli import HelpFormatter, run_cli
+from compute import add_compute_flags, count_params, resolve_device, set_compute_resources
 
 
 def get_args_parser():

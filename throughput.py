@@ -13,7 +13,7 @@
   (median of three passes);
 - epoch fixed cost: validation, checkpoint and history as a share of a demo epoch, timed
   around the functions train_kd.py's epoch calls (``engine.evaluate``,
-  ``checkpoints.write_history``, ``utils.torch_save``), validating every epoch and every
+  ``checkpoints.write_history``, ``files.torch_save``), validating every epoch and every
   ``--val-every`` epochs as the demo does;
 - contention (CPU): a demo epoch on the idle machine and beside one busy single-threaded
   process, with the thread count every script chooses at start, and beside it at torch's
@@ -38,7 +38,8 @@ from engine import Distiller, build_optimizer, evaluate, logits_of, train_one_ep
 from losses import DistillationCriterion, cross_entropy_loss
 from nets import FrozenTeacher, build_model
 from student_model import FeatureAdapters
-from utils import TORCH_DEFAULT_THREADS, set_compute_resources, torch_save
+from compute import TORCH_DEFAULT_THREADS, set_compute_resources
+from files import torch_save
 
 SIZES = {"voc": {"size": 440, "crop": 480, "scale": (0.5, 2.0), "train": 48, "val": 16},
          "demo": {"size": 96, "crop": 96, "scale": (0.75, 1.5), "train": 160, "val": 150,
@@ -207,7 +208,7 @@ def epoch_seconds(root, device, threads, epochs=2):
 
 def contention(root, device):
     """A CPU training run on the idle machine and beside one busy process, with the thread
-    count chosen as every script chooses it at start (utils.set_compute_resources), and, for
+    count chosen as every script chooses it at start (compute.set_compute_resources), and, for
     comparison, beside it at torch's default count (what the scripts used before)."""
     auto = lambda: set_compute_resources(argparse.Namespace(threads=None, workers=0), device)
     before = torch.get_num_threads()

@@ -43,10 +43,10 @@ from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher
                   load_model, read_checkpoint)
 from plots import plot_history
 from student_model import FeatureAdapters
-from utils import (Distributed, HelpFormatter, StopRequest, UserError, add_compute_flags,
-                   count_params, device_name, git_revision, grad_scaler, one_line, ranged, reason,
-                   resolve_device, run_cli, save_json, seed_everything, set_compute_resources,
-                   torch_save)
+from cli import HelpFormatter, UserError, git_revision, one_line, ranged, run_cli
+from compute import (Distributed, add_compute_flags, count_params, device_name, grad_scaler,
+                     resolve_device, seed_everything, set_compute_resources)
+from files import StopRequest, save_json, torch_save
 
 POSITIVE_INT, POSITIVE = ranged(int, 1), ranged(float, 0, open_low=True)
 
@@ -317,7 +317,7 @@ def restore(run):
                 run.resume, run.student, run.adapters, run.optimizer, run.scheduler, run.scaler)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"{run.paths['resume']}: does not fit this run ({type(exc).__name__}"
-                            f": {reason(exc, 150)}); resume with the run's own flags (--student, "
+                            f": {one_line(exc, 150)}); resume with the run's own flags (--student, "
                             "--alpha/--beta/--w-*) or start a new --out") from None
         run.partial = partial_for_this_process(partial, run.dist, run.log)
         where = (f", inside epoch {run.partial['epoch']} at step {run.partial['step']}"

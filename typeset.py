@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import HelpFormatter, UserError, markdown_table, run_cli
+from cli import HelpFormatter, UserError, markdown_table, run_cli
 
 # one inline token: `code`, **bold**, *italic* or $math$ (non-greedy, on one line)
 INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s][^*]*?)\*|\$([^$]+)\$")

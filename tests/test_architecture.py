@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import architecture  # noqa: E402
 import losses  # noqa: E402
 from student_model import CompactStudentModel  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 SIZES = [(65, 47), (96, 128)]  # odd and even, non-square: strides round differently
 

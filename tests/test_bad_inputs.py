@@ -18,7 +18,7 @@ import evaluate
 import train_kd
 from conftest import split_ids, train_flags, voc_dir
 from nets import build_model
-from utils import run_cli
+from cli import run_cli
 
 
 @pytest.fixture(scope="module")

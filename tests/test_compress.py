@@ -7,7 +7,7 @@ import torch
 
 import compress
 from nets import build_model, model_from_checkpoint
-from utils import UserError
+from cli import UserError
 
 
 @pytest.fixture(scope="module")

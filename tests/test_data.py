@@ -17,7 +17,7 @@ import data
 from conftest import split_ids, voc_dir
 from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset, to_model_input,
                   train_transforms)
-from utils import UserError
+from cli import UserError
 
 NEAREST = InterpolationMode.NEAREST
 

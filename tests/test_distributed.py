@@ -12,7 +12,8 @@ from conftest import REPO, train_flags
 from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
-from utils import Distributed, UserError
+from cli import UserError
+from compute import Distributed
 
 
 @pytest.mark.slow

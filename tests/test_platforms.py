@@ -10,7 +10,9 @@ import torch
 
 import checkpoints
 import engine
-import utils
+import cli
+import compute
+import files
 
 
 
@@ -21,41 +23,41 @@ def test_auto_device_says_when_an_nvidia_gpu_meets_a_cpu_only_torch(monkeypatch,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
-    monkeypatch.setattr(utils.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+    monkeypatch.setattr(compute.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(compute.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 0, stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-x)\n", stderr=""))
-    assert utils.resolve_device("auto") == torch.device("cpu")
+    assert compute.resolve_device("auto") == torch.device("cpu")
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("warning: ")
     assert "NVIDIA GPU" in err and "without CUDA" in err and "install selector" in err
     # no GPU (nvidia-smi fails), or a CUDA build of torch: nothing to say
-    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+    monkeypatch.setattr(compute.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 9, stdout="", stderr="NVIDIA-SMI has failed"))
-    utils.resolve_device("auto")
+    compute.resolve_device("auto")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: pytest.fail("not asked"))
-    utils.resolve_device("auto")
+    monkeypatch.setattr(compute.subprocess, "run", lambda *a, **k: pytest.fail("not asked"))
+    compute.resolve_device("auto")
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("scaler_on_mps, dtype", [(True, torch.float16), (False, torch.bfloat16)])
 def test_one_amp_rule_for_mps_with_loss_scaling_where_torch_has_it(monkeypatch, scaler_on_mps,
                                                                    dtype):
-    monkeypatch.setattr(utils, "mps_grad_scaler_supported", lambda: scaler_on_mps)
+    monkeypatch.setattr(compute, "mps_grad_scaler_supported", lambda: scaler_on_mps)
     mps = torch.device("mps")
-    assert utils.amp_dtype(mps, True) == dtype and utils.amp_dtype(mps, False) is None
-    assert utils.grad_scaler(mps, True).is_enabled() == (dtype == torch.float16)
+    assert compute.amp_dtype(mps, True) == dtype and compute.amp_dtype(mps, False) is None
+    assert compute.grad_scaler(mps, True).is_enabled() == (dtype == torch.float16)
     # the same rule elsewhere: fp16 and scaling on CUDA, bf16 and no scaling on a CPU
-    assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
-    assert utils.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
-    assert not utils.grad_scaler(torch.device("cpu"), True).is_enabled()
+    assert compute.amp_dtype(torch.device("cuda"), True) == torch.float16
+    assert compute.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert not compute.grad_scaler(torch.device("cpu"), True).is_enabled()
 
 
 def test_mps_grad_scaler_support_follows_the_torch_version(monkeypatch):
     for version, supported in (("2.7.1", False), ("2.8.0", True), ("2.15.0+cu132", True),
                                ("3.0.0", True)):
         monkeypatch.setattr(torch, "__version__", version)
-        assert utils.mps_grad_scaler_supported() == supported, version
+        assert compute.mps_grad_scaler_supported() == supported, version
 
 
 def test_resume_state_holds_the_mps_generator(monkeypatch):
@@ -95,9 +97,9 @@ def test_save_retries_a_file_another_program_holds_then_succeeds(tmp_path, monke
             raise PermissionError(13, "The process cannot access the file", str(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(utils.os, "replace", locked_twice)
-    monkeypatch.setattr(utils.time, "sleep", lambda s: None)
-    utils.save_json({"epoch": 3}, tmp_path / "summary.json")
+    monkeypatch.setattr(files.os, "replace", locked_twice)
+    monkeypatch.setattr(files.time, "sleep", lambda s: None)
+    files.save_json({"epoch": 3}, tmp_path / "summary.json")
     assert len(calls) == 3 and (tmp_path / "summary.json").read_text().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
 
@@ -105,11 +107,11 @@ def test_save_retries_a_file_another_program_holds_then_succeeds(tmp_path, monke
 def test_save_to_a_file_that_stays_locked_keeps_the_data_and_names_it(tmp_path, monkeypatch):
     target = tmp_path / "run_last.pth"
     target.write_bytes(b"the previous checkpoint")
-    monkeypatch.setattr(utils.os, "replace", lambda src, dst: (_ for _ in ()).throw(
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (_ for _ in ()).throw(
         PermissionError(13, "The process cannot access the file", str(dst))))
-    monkeypatch.setattr(utils.time, "sleep", lambda s: None)
-    with pytest.raises(utils.UserError) as err:
-        utils.torch_save({"epoch": 4}, target)
+    monkeypatch.setattr(files.time, "sleep", lambda s: None)
+    with pytest.raises(cli.UserError) as err:
+        files.torch_save({"epoch": 4}, target)
     message = str(err.value)
     kept = [p for p in tmp_path.iterdir() if p.name != "run_last.pth"]
     assert len(kept) == 1 and str(kept[0]) in message and "\n" not in message
@@ -121,7 +123,7 @@ def test_save_to_a_file_that_stays_locked_keeps_the_data_and_names_it(tmp_path, 
 def test_ctrl_break_stops_a_run_like_sigterm(monkeypatch):
     """Where SIGBREAK exists (Windows; simulated here by SIGUSR1) it asks for a stop."""
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
-    with utils.StopRequest(verbose=False) as stop:
+    with files.StopRequest(verbose=False) as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested and stop.signum == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handler restored
@@ -152,8 +154,8 @@ def test_every_flag_shows_its_default_in_help(name):
 def eight_cores(monkeypatch):
     """A machine of 8 cores on which torch would use all 8; torch's count restored after."""
     before = torch.get_num_threads()
-    monkeypatch.setattr(utils, "usable_cores", lambda: 8)
-    monkeypatch.setattr(utils, "TORCH_DEFAULT_THREADS", 8)
+    monkeypatch.setattr(compute, "usable_cores", lambda: 8)
+    monkeypatch.setattr(compute, "TORCH_DEFAULT_THREADS", 8)
     yield
     torch.set_num_threads(before)
 
@@ -168,7 +170,7 @@ def eight_cores(monkeypatch):
 def test_threads_leave_the_cores_to_workers_and_busy_programs(eight_cores, device, busy,
                                                                workers, expected):
     args = argparse.Namespace(threads=None, workers=workers)
-    line = utils.set_compute_resources(args, torch.device(device), busy=busy)
+    line = compute.set_compute_resources(args, torch.device(device), busy=busy)
     assert (args.workers, args.threads) == expected
     assert torch.get_num_threads() == expected[1]
     assert line == (f"threads: {expected[1]} (auto: 8 cores, {expected[0]} workers, {busy} busy "
@@ -177,7 +179,7 @@ def test_threads_leave_the_cores_to_workers_and_busy_programs(eight_cores, devic
 
 def test_threads_flag_overrides_the_choice(eight_cores):
     args = argparse.Namespace(threads=5, workers=0)
-    assert utils.set_compute_resources(args, torch.device("cpu"), busy=7).startswith(
+    assert compute.set_compute_resources(args, torch.device("cpu"), busy=7).startswith(
         "threads: 5 (--threads)")
     assert torch.get_num_threads() == 5
 
@@ -188,4 +190,4 @@ def test_busy_cores_counts_a_busy_program(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     for percent, cores in ((0.0, 0), (10.0, 0), (25.0, 1), (60.0, 2), (100.0, 4)):
         monkeypatch.setattr(psutil, "cpu_percent", lambda interval, p=percent: p)
-        assert utils.busy_cores() == cores
+        assert compute.busy_cores() == cores

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import report
-from utils import run_cli
+from cli import run_cli
 
 
 def write(path, obj):

@@ -20,7 +20,7 @@ from losses import (DistillationCriterion, Outputs, attention_transfer_loss, cwd
                     kd_weight_scale, pairwise_similarity_loss, pixelwise_preact_loss)
 from nets import FrozenTeacher, build_model, feature_taps, model_from_checkpoint
 from student_model import FeatureAdapters
-from utils import UserError
+from cli import UserError
 
 # ---------------------------------------------------------------- references (float64, loops)
 

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from student_model import CompactStudentModel, FeatureAdapters  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 # The strides the module docstring claims for each tap.
 CLAIMED = {"low": (24, 8), "mid": (40, 16), "high": (576, 16)}

@@ -7,7 +7,7 @@ import pytest
 import sweep
 import train_kd
 from conftest import train_flags
-from utils import REPO_DIR, UserError
+from cli import REPO_DIR, UserError
 
 
 def parsed(words):

@@ -13,7 +13,7 @@ import data
 import test_teacher
 from conftest import split_ids, voc_dir
 from nets import load_model
-from utils import UserError, run_cli
+from cli import UserError, run_cli
 
 
 @pytest.fixture(scope="module")

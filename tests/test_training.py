@@ -18,8 +18,8 @@ from engine import Distiller, train_one_epoch
 from losses import DistillationCriterion, Outputs
 from nets import FrozenTeacher, build_model, model_from_checkpoint
 from student_model import FeatureAdapters
-import utils
-from utils import UserError
+import compute
+from cli import UserError
 
 
 def train_args(root, tmp_path, *extra):
@@ -131,9 +131,9 @@ def test_resume_after_epoch_one_equals_an_unbroken_run(synth_root, tmp_path, mon
 def test_resume_reuses_the_runs_thread_count(synth_root, tmp_path, monkeypatch, capsys):
     """CPU bits depend on the thread count: a resume without --threads takes the run's own
     (1 here) rather than the automatic choice (made 2 here), and so equals the unbroken run."""
-    monkeypatch.setattr(utils, "usable_cores", lambda: 2)
-    monkeypatch.setattr(utils, "busy_cores", lambda seconds=0.3: 0)
-    monkeypatch.setattr(utils, "TORCH_DEFAULT_THREADS", 2)
+    monkeypatch.setattr(compute, "usable_cores", lambda: 2)
+    monkeypatch.setattr(compute, "busy_cores", lambda seconds=0.3: 0)
+    monkeypatch.setattr(compute, "TORCH_DEFAULT_THREADS", 2)
     args = ["--out", "run", "--alpha", "0.5", "--teacher", "lite", "--teacher-weights", "none"]
     train_keeping_epoch_one(train_args(synth_root, tmp_path, *args, "--threads", "1"),
                             tmp_path / "epoch1.pth", monkeypatch)

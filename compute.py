@@ -1,115 +1,18 @@
-"""Small helpers shared by the entry scripts: devices, seeds, atomic files, user errors,
-interrupt requests and the process's place in a torchrun job.
-
-Nothing here knows about models or data; it sits at the bottom of the import graph.
-"""
-import argparse
-import json
-import math
+"""Where and how a script computes: the device (with a probe for an NVIDIA GPU that this
+torch cannot use), CPU threads and DataLoader workers, the mixed-precision rule, device
+synchronisation for timings, seeds, parameter counts, and the process's place in a torchrun
+job (``Distributed``)."""
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
-REPO_DIR = Path(__file__).resolve().parent
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, broken input).
-
-    Entry scripts print its message as one line and exit with status 2, without a
-    traceback: the message itself names the cause and the fix.
-    """
-
-
-def one_line(exc):
-    """The message of ``exc`` as one line.
-
-    A ``UserError`` raised inside a DataLoader worker comes back wrapped in a message
-    holding the worker's traceback; its last line is ``module.UserError: <message>``.
-    """
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help that keeps the docstring's layout and names every flag's default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
-            return text
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            return f"{text} (default: off)"
-        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
-
-
-def ranged(kind=float, low=-math.inf, high=math.inf, open_low=False):
-    """An argparse ``type=`` that also checks the range: ``low`` <= x (< x when ``open_low``)
-    <= ``high``, x finite. Every range is checked there, once, as the flag is parsed."""
-    def parse(text):
-        value = kind(text)
-        if not (math.isfinite(value) and (value > low if open_low else value >= low)
-                and value <= high):
-            bounds = ("> " if open_low else ">= ") + f"{low:g}" if high == math.inf \
-                else f"{'(' if open_low else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use a number {bounds}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid float value" names it
-    return parse
-
-
-def reason(exc, limit=160):
-    """The message of ``exc`` on one line, cut to ``limit`` characters (for error lines)."""
-    return " ".join(str(exc).split())[:limit]
-
-
-def load_pretrained(build, weights, what, fix):
-    """``build()``, which loads torchvision's ``weights``; a failed download becomes one line.
-
-    torch reads its hub cache before it downloads, so the message names the exact file that
-    an offline user can place there, and ``fix``, the flag that does without it.
-    """
-    try:
-        return build()
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:  # offline, or a broken file
-        name = weights.url.rsplit("/", 1)[-1]
-        raise UserError(f"could not load {what} ({reason(exc)}); offline, copy {name} into "
-                        f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or {fix}") from None
-
-
-def run_cli(main, parser):
-    """Parse the arguments, run ``main(args)``, turn a ``UserError`` into a one-line exit."""
-    args = parser.parse_args()
-    try:
-        main(args)
-    except KeyboardInterrupt:  # Ctrl-C outside the part of a run that saves a checkpoint
-        print("error: interrupted (Ctrl-C); nothing was saved by this step", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-    except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as exc:
-        # A UserError raised in a DataLoader worker is re-raised here as a RuntimeError
-        # when its class cannot be rebuilt from the wrapped message.
-        if "UserError" in str(exc):
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(2)
-        raise
+from cli import UserError, ranged
 
 
 def nvidia_gpu_without_cuda_torch():
@@ -278,12 +181,6 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
-def markdown_table(header, rows):
-    """A Markdown table: ``header`` names the columns, each row is a list of cell strings."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -292,142 +189,6 @@ def seed_everything(seed):
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def git_revision():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-REPLACE_TRIES = 5
-
-
-def atomic_write(path, write_fn):
-    """Write a file through ``write_fn(tmp_path)`` then rename it over ``path``.
-
-    A crash or a kill mid-write leaves the previous file intact, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        replace_with_retries(tmp, path)
-    except UserError:
-        raise  # the new content stays in tmp, which the message names
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def replace_with_retries(tmp, path):
-    """``os.replace``, tried again on PermissionError: on Windows a file that another program
-    holds open (OneDrive's sync, an antivirus, evaluate.py reading a checkpoint) cannot be
-    replaced for a moment. If it stays locked, one line names the file that keeps the data."""
-    for attempt in range(REPLACE_TRIES):
-        try:
-            return os.replace(tmp, path)
-        except PermissionError as exc:
-            if attempt == REPLACE_TRIES - 1:
-                raise UserError(f"{path}: cannot be replaced, another program holds it open "
-                                f"({reason(exc, 80)}); the new content is kept in {tmp}: close "
-                                f"that program, then rename {tmp} to {path}") from None
-            time.sleep(0.1 * 2 ** attempt)  # 0.1 s, then 0.2, 0.4, 0.8
-
-
-def save_json(obj, path):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-# --------------------------------------------------------------------------- interrupts
-
-def stop_signals():
-    """SIGINT and SIGTERM, and SIGBREAK where it exists: Windows' console sends it for
-    Ctrl-Break and when its window is closed."""
-    return (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK")
-                                              else ())
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a request that the training loop honours between steps.
-
-    Used as a context manager around the training loop. The first signal only sets
-    ``signum``: the loop finishes its step, writes a checkpoint and exits. A second Ctrl-C
-    aborts at once, as users expect when they press it twice.
-    """
-
-    def __init__(self, verbose=True):
-        self.signum = None
-        self.verbose = verbose
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in stop_signals():
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.verbose:
-            print(f"\n{signal.Signals(signum).name} received: finishing the current step, then "
-                  "saving a checkpoint (Ctrl-C again aborts without saving)",
-                  file=sys.stderr, flush=True)
-
-
-def quiet_worker(worker_id):
-    """DataLoader ``worker_init_fn``: leave Ctrl-C to the main process.
-
-    A terminal's Ctrl-C reaches every process of the job. A worker that died of it would
-    make the main process fail mid-step; the main process instead finishes the step, saves,
-    and shuts its workers down itself. SIGTERM keeps its default: it is how the DataLoader
-    (and multiprocessing at exit) ends its workers, so a worker must never ignore it.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (WorkerSafeLoader)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-class WorkerSafeLoader(DataLoader):
-    """A DataLoader whose worker processes a Ctrl-C cannot kill while they start.
-
-    A terminal's Ctrl-C reaches every process of the job. A worker still starting (under
-    spawn, the default on macOS and Windows, that takes seconds: it imports torch) would die
-    of it before ``quiet_worker`` ignores it, and the main process would then fail with
-    "DataLoader worker exited unexpectedly" instead of saving. So SIGINT is blocked in this
-    thread while the workers are created: they inherit the block, and ``quiet_worker``
-    ignores SIGINT before unblocking it. A Ctrl-C meanwhile stays pending, and reaches the
-    main process's handler as soon as the workers are launched. (POSIX; Windows has no
-    signal masks.)
-    """
-
-    def __iter__(self):
-        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
-            return super().__iter__()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # --------------------------------------------------------------------------- torchrun
