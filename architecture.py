@@ -95,8 +95,8 @@ def build_student(name):
 
 def build_adapters(teacher="fcn_resnet50"):
     """The training-only 1x1 adapters from the student's taps to ``teacher``'s widths."""
-    from nets import feature_channels
-    from student_model import CompactStudentModel, FeatureAdapters
+    from distill import FeatureAdapters, feature_channels
+    from student_model import CompactStudentModel
     return FeatureAdapters(CompactStudentModel.FEATURE_CHANNELS, feature_channels(teacher))
 
 

@@ -21,10 +21,10 @@ allocator overhead and library scratch buffers not seen), so it is an estimate.
     python benchmark.py --train-cost --size 256 --runs 10   # KD step: every term vs Hinton
 """
 import argparse
+import functools
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,12 +33,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import logits_of, percentile, time_interleaved
-from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model, feature_channels
 from cli import HelpFormatter, git_revision, markdown_table, run_cli
-from compute import (add_compute_flags, amp_dtype, count_params, device_name, resolve_device,
-                     set_compute_resources, synchronize)
+from compute import (add_compute_flags, amp_dtype, count_params, device_name,
+                     percentile, resolve_device, set_compute_resources,
+                     synchronize, time_interleaved, timed)
+from distill import FeatureAdapters, FrozenTeacher, feature_channels, logits_of
 from files import save_json
+from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model
 
 
 def get_args_parser():
@@ -149,7 +150,6 @@ def total_params(name, model):
     teacher's (fcn_resnet50) widths; other models have nothing training-only, total = inference."""
     if name not in STUDENT_ARCHS:
         return count_params(model)
-    from student_model import FeatureAdapters
     adapters = FeatureAdapters(feature_channels(name), feature_channels("fcn_resnet50"))
     return count_params(model) + count_params(adapters)
 
@@ -174,30 +174,27 @@ def train_step_cost(device, size=256, batch=2, runs=10, warmup=2, teacher_arch="
     back. The two configurations run interleaved (step r of each, then r+1) after warm-up.
     """
     from engine import train_one_epoch
-    from nets import FrozenTeacher
-    from throughput import QUIET, kd_setup
+    from throughput import kd_setup
 
     torch.manual_seed(0)
     teacher = FrozenTeacher(build_model(teacher_arch), teacher_arch, preact=True).to(device)
     configs = {"hinton": {"kd": 0.5},
                "all_terms": {"kd": 0.5, "feat": 1.0, "pixel": 100.0, "pair": 1.0, "at": 1000.0,
                              "cwd": 3.0}}
-    setups = {}
-    for name, weights in configs.items():
-        model, criterion, optimizer, _ = kd_setup(weights, teacher, student_arch, 1e-4, device)
-        setups[name] = (model.to(device), criterion, optimizer)
+    steps = {}
     # a uint8 batch, as the loader sends it (train_one_epoch normalises on the device)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 21, (batch, size, size), dtype=torch.uint8, device=device)
+    for name, weights in configs.items():
+        model, criterion, optimizer, _ = kd_setup(weights, teacher, student_arch, 1e-4, device)
+        steps[name] = functools.partial(train_one_epoch, model.to(device), criterion, optimizer,
+                                        [(x, y)], device, 0, progress=False)
     times = {name: [] for name in configs}
     for r in range(warmup + runs):
-        for name, (model, criterion, optimizer) in setups.items():
-            synchronize(device)
-            start = time.perf_counter()
-            train_one_epoch(model, criterion, optimizer, [(x, y)], device, 0, QUIET)
-            synchronize(device)
+        for name, one_step in steps.items():
+            seconds = timed(one_step, device)[1]
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return times
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from losses import term_options
 from cli import UserError
 from files import atomic_write, torch_save
+from losses import term_options
 
 # flags that shape the training itself: resuming with other values gives another run (the
 # distillation terms' weights and parameters come from their table, losses.TERMS)
@@ -137,16 +137,16 @@ def check_resume_fits(ckpt, path, student, args, log):
             f"{'; '.join(differ)}")
 
 
-def partial_for_this_process(partial, dist, log):
+def partial_for_this_process(partial, world, log):
     """The mid-epoch record to finish, with this process's random state; None to restart it."""
     if partial is None:
         return None
-    if partial.get("world_size", 1) != dist.world_size:
+    if partial.get("world_size", 1) != world.world_size:
         log(f"the checkpoint stopped inside epoch {partial['epoch']} with "
-            f"{partial.get('world_size', 1)} process(es) and this run has {dist.world_size}: "
+            f"{partial.get('world_size', 1)} process(es) and this run has {world.world_size}: "
             "that epoch restarts from its beginning")
         return None
-    return {**partial, "rng": partial["rng"][dist.rank]}
+    return {**partial, "rng": partial["rng"][world.rank]}
 
 
 def remove_stale_temporaries(name, model_dir, run_dir):
@@ -178,25 +178,25 @@ def set_rng_state(state):
         torch.mps.set_rng_state(state["mps"])
 
 
-def save_interrupted(exc, state, path, dist, seconds):
+def save_interrupted(exc, state, path, world, seconds):
     """Write the checkpoint of a run stopped mid-epoch: ``state`` (``checkpoint_state``
     without ``partial``) plus the partial record of every process."""
-    record = {**exc.partial, "rng": dist.gather(exc.partial["rng"]),
-              "world_size": dist.world_size, "seconds": seconds}
-    if dist.is_main:
+    record = {**exc.partial, "rng": world.gather(exc.partial["rng"]),
+              "world_size": world.world_size, "seconds": seconds}
+    if world.is_main:
         torch_save({**state, "partial": record}, path)
-    dist.barrier()
+    world.barrier()
     return record
 
 
 RERUN = "rerun the same command with --resume auto"
 
 
-def exit_interrupted(stop, dist, last_path, where, rerun=RERUN):
+def exit_interrupted(stop, world, last_path, where, rerun=RERUN):
     """After a stop request: say where the run stopped and how to finish it (``rerun``:
     a sweep or the demo says its own command), then exit."""
     signum = stop.signum or signal.SIGTERM  # another process of the job may have received it
-    if dist.is_main:
+    if world.is_main:
         print(f"stopped by {signal.Signals(signum).name} at {where}; {last_path} holds the run "
               f"so far. To finish it, {rerun}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)

@@ -1,11 +1,12 @@
 """What every entry script shares at its edges: the error a user can fix, its one-line
-message, the --help formatter, range-checked flag types, ``run_cli``, and the two things
+message, the --help formatter, range-checked flag types (``ranged``, ``Option``), ``run_cli``, and the two things
 scripts print about themselves (a Markdown table, the git revision)."""
 import argparse
 import math
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -93,3 +94,24 @@ def git_revision():
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line number declared as data (losses.TERMS): flag names, default, help,
+    and its valid range, checked by the parser (``parse``, a ``ranged`` type): ``low`` <=
+    value (< when ``open_low``) <= ``high``."""
+    flags: tuple
+    default: float
+    help: str
+    low: float = 0.0
+    high: float = math.inf
+    open_low: bool = False
+
+    @property
+    def dest(self):
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+    @property
+    def parse(self):
+        return ranged(float, self.low, self.high, self.open_low)

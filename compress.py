@@ -38,12 +38,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 from checkpoints import model_record
-from data import build_dataset, eval_loader, eval_transforms, to_model_input
-from engine import evaluate, logits_of, percentile, time_interleaved
-from nets import model_from_checkpoint
 from cli import HelpFormatter, UserError, git_revision, markdown_table, run_cli
-from compute import add_compute_flags, device_name, set_compute_resources
+from compute import (add_compute_flags, device_name, percentile,
+                     set_compute_resources, time_interleaved)
+from data import build_dataset, eval_loader, eval_transforms, to_model_input
+from distill import logits_of
+from engine import evaluate
 from files import save_json, torch_save
+from nets import model_from_checkpoint
 
 
 def get_args_parser():
@@ -99,7 +101,8 @@ def quantize_int8(model, calib_images):
     entry points moved from torch.ao to torchao, hence the import from there.
     """
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import (convert_pt2e,
+                                                         prepare_pt2e)
 
     example = calib_images[0]
     exported = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_hw(example))

@@ -1,12 +1,13 @@
 """Where and how a script computes: the device (with a probe for an NVIDIA GPU that this
 torch cannot use), CPU threads and DataLoader workers, the mixed-precision rule, device
-synchronisation for timings, seeds, parameter counts, and the process's place in a torchrun
-job (``Distributed``)."""
+synchronisation and the one timer (``timed``, and ``time_interleaved`` built on it), seeds,
+parameter counts, and the process's place in a torchrun job (``Distributed``)."""
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -139,6 +140,46 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def timed(fn, device, warmup=0):
+    """(``fn()``, seconds) of one call timed between device synchronisations (CUDA and MPS
+    run asynchronously), after ``warmup`` untimed calls that warm the kernels up. The one
+    timer of the toolkit: evaluation, benchmark.py and compress.py time through it."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
+    """{name: [seconds per call]} of ``models`` ({name: module}) on ``x``, under inference
+    mode and ``amp_dtype``'s autocast: one call of each model per round, rounds repeated,
+    so that load which shifts over time hits them alike.
+
+    ``runs`` is one count for all, or {name: count}: a model with fewer runs sits out the
+    last rounds (the slow teacher), the others stay interleaved.
+    """
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                              enabled=amp_dtype is not None)
+    runs = runs if isinstance(runs, dict) else {name: runs for name in models}
+    times = {name: [] for name in models}
+    with torch.inference_mode(), autocast:
+        for model in models.values():
+            timed(lambda: model(x), device, warmup)
+        for r in range(max(runs.values())):
+            for name, model in models.items():
+                if r < runs[name]:
+                    times[name].append(timed(lambda: model(x), device)[1])
+    return times
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def device_name(device):
     """A human-readable name of the hardware behind ``device`` (for reports)."""
     if device.type == "cuda":
@@ -238,9 +279,14 @@ class Distributed:
         """Each flag OR-ed over all processes: one small all-reduce, so every rank agrees."""
         if not self.enabled:
             return [bool(f) for f in flags]
-        t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return self.any_of(torch.tensor([bool(f) for f in flags]))
+
+    def any_of(self, flags):
+        """``any`` of a boolean tensor, read back once (one host synchronisation)."""
+        flags = flags.to(device=self.device or flags.device, dtype=torch.float32)
+        if self.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in flags.tolist()]
 
     def sum(self, tensor):
         """``tensor`` summed over all processes (returned on its own device)."""

@@ -37,11 +37,12 @@ from pathlib import Path
 import evaluate
 import sweep
 import train_kd
-from data import write_synth_voc
-from plots import comparison_chart
 from cli import HelpFormatter, UserError, markdown_table, run_cli
-from compute import add_compute_flags, device_name, resolve_device, set_compute_resources
+from compute import (add_compute_flags, device_name, resolve_device,
+                     set_compute_resources)
+from data import write_synth_voc
 from files import save_json
+from plots import comparison_chart
 
 METHODS = {(False, False): "no_kd", (True, False): "response_kd", (False, True): "feature_kd",
            (True, True): "combined_kd"}  # (response on, feature on) -> name

@@ -1,32 +1,26 @@
-"""The loops under every script: one evaluation for teacher and student, one training epoch.
+"""The two loops under every script: one evaluation for teacher and student, one training epoch.
 
 ``evaluate`` runs a model over a loader of full-resolution images, accumulates one
 confusion matrix over the whole set, and times the model calls alone (warm-up, device
-synchronisation, median), apart from data loading and metric work; ``time_interleaved``
-times several models side by side (benchmark.py, compress.py). ``train_one_epoch`` trains a
-``Distiller`` (student, adapters, frozen teacher) against a ``losses.DistillationCriterion``,
-and can finish an epoch that a stop interrupted (checkpoints.py).
+synchronisation, median), apart from data loading and metric work; ``evaluate_and_report``
+adds what every evaluating script prints and saves. ``train_one_epoch`` trains a
+``distill.Distiller`` against a ``losses.DistillationCriterion`` with at most one host
+synchronisation per step (``StepCheck``, ``LossSums``), and can finish an epoch that a
+stop interrupted (checkpoints.py).
 """
 import contextlib
 import statistics
-import time
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from checkpoints import Interrupted, rng_state, set_rng_state
-from data import IGNORE_INDEX, VOC_CLASSES, to_model_input
-from losses import Outputs
-from metrics import confusion_matrix, nan_to_none, scores_from_confusion
 from cli import git_revision
-from compute import amp_dtype, device_name, synchronize
+from compute import amp_dtype, device_name, timed
+from data import IGNORE_INDEX, VOC_CLASSES, to_model_input
+from distill import logits_of
 from files import save_json
-
-
-def logits_of(output):
-    """torchvision's segmentation models return {'out': ..., 'aux': ...}; ours a tensor."""
-    return output["out"] if isinstance(output, dict) else output
+from metrics import confusion_matrix, nan_to_none, scores_from_confusion
 
 
 def class_map(logits):
@@ -73,7 +67,8 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, targets = to_model_input(images, targets, device)
         with autocast:
-            logits, elapsed = timed_logits(model, images, device, 0 if times else warmup)
+            logits, elapsed = timed(lambda: logits_of(model(images)), device,
+                                    0 if times else warmup)
         times.append(elapsed / images.shape[0])
         model_seconds += elapsed
         if logits.shape[-2:] != targets.shape[-2:]:
@@ -95,18 +90,6 @@ def evaluate(model, loader, device, num_classes=21, warmup=3, amp=False, desc="e
         # background-only images)
         results["per_image_gt_classes"] = [n for _, n in per_image_scores]
     return results
-
-
-def timed_logits(model, images, device, warmup):
-    """(logits, seconds) of one model call, timed between device synchronisations (CUDA and
-    MPS run asynchronously), after ``warmup`` untimed calls that warm the kernels up."""
-    for _ in range(warmup):
-        logits_of(model(images))
-    synchronize(device)
-    start = time.perf_counter()
-    logits = logits_of(model(images))
-    synchronize(device)
-    return logits, time.perf_counter() - start
 
 
 def image_scores(preds, targets, num_classes):
@@ -135,37 +118,6 @@ def evaluation_results(confmat, num_images, times, model_seconds):
         "model_seconds": model_seconds,
         "confusion_matrix": confmat.tolist(),
     }
-
-
-def time_interleaved(models, x, device, runs, warmup, amp_dtype=None):
-    """{name: [seconds per call]}: one call of each model per round, rounds repeated.
-
-    ``runs`` is one count for all, or {name: count}: a model with fewer runs sits out the
-    last rounds (the slow teacher), the others stay interleaved.
-    """
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                              enabled=amp_dtype is not None)
-    runs = runs if isinstance(runs, dict) else {name: runs for name in models}
-    times = {name: [] for name in models}
-    with torch.inference_mode(), autocast:
-        for name, model in models.items():
-            for _ in range(warmup):
-                logits_of(model(x))
-        for r in range(max(runs.values())):
-            for name, model in models.items():
-                if r >= runs[name]:
-                    continue
-                synchronize(device)
-                start = time.perf_counter()
-                logits_of(model(x))
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def format_results(results, title):
@@ -199,52 +151,72 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; carries the terms and the step for the message."""
 
 
-class Distiller(nn.Module):
-    """The student with its adapters and the frozen teacher, run for one criterion.
+class StepCheck:
+    """Asked once per step, before the backward pass: is the loss non-finite, or has a stop
+    been requested, in this process or in any other of a torchrun job?
 
-    ``forward(images)`` returns the student's and the teacher's ``losses.Outputs`` holding
-    just what the criterion's active terms read (``criterion.needs()``): the teacher runs
-    only when a term is on, once per step for its logits and all its taps; the student
-    returns its taps only when a term reads them. ``student`` and ``adapters`` may be
-    DistributedDataParallel wrappers; the teacher is never wrapped (it has no gradients).
+    The answer costs one host synchronisation: the finite test is read back alone in a
+    single process, or travels with the stop flag in one all-reduce under torchrun
+    (``world``, a ``compute.Distributed``), so every process takes the same decision.
+    ``stop`` is a ``files.StopRequest`` (its ``signum`` is set by the signal handler).
     """
 
-    def __init__(self, student, criterion, teacher=None, adapters=None):
-        super().__init__()
-        self.student, self.adapters = student, adapters
-        self.teacher = teacher if criterion.active() else None
-        needs = criterion.needs()
-        self.taps, self.preact = bool(needs), "preact" in needs
+    def __init__(self, stop=None, world=None):
+        self.stop = stop
+        self.world = world if world is not None and world.enabled else None
 
-    def forward(self, images):
-        teacher = Outputs(*self.teacher(images)) if self.teacher is not None else None
-        if not self.taps:
-            return Outputs(logits_of(self.student(images))), teacher
-        logits, taps = self.student(images, return_features=True, return_preact=self.preact)
-        adapted = self.adapters(taps) if self.adapters is not None else None
-        return Outputs(logits, taps, adapted), teacher
+    def __call__(self, total):
+        """(non-finite anywhere, stop requested anywhere)."""
+        requested = self.stop is not None and self.stop.signum is not None
+        if self.world is None:
+            return not bool(torch.isfinite(total)), requested
+        flags = torch.stack([~torch.isfinite(total.detach()),
+                             torch.tensor(requested, device=total.device)])
+        return tuple(self.world.any_of(flags))
 
 
-def build_optimizer(name, params, lr, weight_decay, device):
-    """AdamW ('adam') or SGD with momentum 0.9, updating all tensors at once: fused kernels on
-    CUDA; on a CPU the foreach form, which computes the same bits as the per-tensor loop in
-    0.6x its time (fused would change them; docs/benchmark.md)."""
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+class LossSums:
+    """The running sums of the loss terms, kept on the device so that no step waits for them;
+    read (one synchronisation) at the log interval and at the epoch end.
+
+    float64 where the device has it (not MPS), so the means are those of adding each step's
+    float32 values in double precision. ``sums`` and ``batches`` continue a partial epoch.
+    """
+
+    def __init__(self, device, sums=None, batches=0):
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.names = list(sums or {})
+        self.values = torch.tensor(list((sums or {}).values()), dtype=self.dtype, device=device)
+        self.batches = batches
+
+    def add(self, terms, total):
+        names = list(terms) + ["total"]
+        if not self.names:
+            self.names, self.values = names, torch.zeros(len(names), dtype=self.dtype,
+                                                         device=self.values.device)
+        elif names != self.names:
+            raise ValueError(f"loss terms {names} differ from the epoch's {self.names}")
+        self.values += torch.stack([v.detach().float() for v in (*terms.values(), total)])
+        self.batches += 1
+
+    def read(self):
+        """{term: sum} as Python floats (the host waits here)."""
+        return dict(zip(self.names, self.values.tolist()))
+
+    def means(self):
+        return {f"loss_{name}": value / max(self.batches, 1) for name, value in self.read().items()}
 
 
 def forward_loss(model, criterion, images, targets, amp):
     """Forward and loss terms, nothing else: the caller checks the total, then calls
-    ``step``. Returns (terms, total)."""
+    ``backward_and_step``. Returns (terms, total)."""
     with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         student, teacher = model(images)
         terms = criterion(student, targets, teacher)
         return terms, criterion.total(terms)
 
 
-def step(optimizer, total, scaler):
+def backward_and_step(optimizer, total, scaler):
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(total).backward()
@@ -255,51 +227,55 @@ def step(optimizer, total, scaler):
         optimizer.step()
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scaler=None,
-                    check=None, partial=None):
+def non_finite_message(terms, total, epoch, i, steps):
+    """The error of a non-finite loss; read only then, so it may wait on the device."""
+    where = "" if not bool(torch.isfinite(total)) else " in another process of the job"
+    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    return (f"non-finite loss{where} at epoch {epoch}, step {i + 1}/{steps}: "
+            f"total={float(total.detach()):.4g} ({shown})")
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=None, scaler=None,
+                    log_every=0, progress=True, stop_check=None, partial=None):
     """One pass over ``loader``; returns the mean of every loss term as ``loss_<name>``.
 
-    ``model``: a ``Distiller``. ``args`` gives ``amp`` (autocast; the soft losses still
-    compute in float32, losses.py), ``progress`` and ``log_every``.
-    ``check(nonfinite) -> (nonfinite anywhere, stop requested anywhere)`` is called once per
-    step, before the backward pass, so that every process of a torchrun job takes the same
-    decision; without it only the local loss is checked. A stop raises ``Interrupted`` after
-    the step, carrying the partial record that ``partial`` takes back to finish the epoch:
+    ``model``: a ``distill.Distiller``. ``amp``: the autocast dtype (``compute.amp_dtype``)
+    or None for float32; the soft losses still compute in float32 (losses.py).
+    ``log_every``: print the running loss every N steps (0: never); the progress bar shows
+    it there too, or every 25 steps without step logs. ``stop_check``: a ``StepCheck``
+    (default: this process's loss only, no stop). A stop raises ``Interrupted`` after the
+    step, carrying the partial record that ``partial`` takes back to finish the epoch:
     its first ``step`` batches are drawn again and dropped (so the sampler and the workers'
     augmentation streams are where they were), then the random state is restored, so the
     resumed epoch is the one an unbroken run would have had.
     """
     model.train()
-    amp = amp_dtype(device, args.amp)
-    start, sums, batches = (partial["step"], dict(partial["sums"]), partial["batches"]) \
-        if partial else (0, {}, 0)
-    means = lambda: {f"loss_{name}": value / max(batches, 1) for name, value in sums.items()}
-    if start >= len(loader):  # stopped after its last step: only validation is left
+    stop_check = stop_check or StepCheck()
+    first = partial["step"] if partial else 0
+    sums = LossSums(device, *((partial["sums"], partial["batches"]) if partial else ()))
+    if first >= len(loader):  # stopped after its last step: only validation is left
         set_rng_state(partial["rng"])
-        return means()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not args.progress, leave=False)
+        return sums.means()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    show_every = log_every or 25
     for i, (images, targets) in enumerate(bar):
-        if i < start:  # replay: the batches the interrupted run had already trained on
-            if i == start - 1:
+        if i < first:  # replay: the batches the interrupted run had already trained on
+            if i == first - 1:
                 set_rng_state(partial["rng"])
             continue
         terms, total = forward_loss(model, criterion, *to_model_input(images, targets, device),
                                     amp)
-        local_bad = not bool(torch.isfinite(total))
-        bad, stop = check(local_bad) if check is not None else (local_bad, False)
+        bad, stop = stop_check(total)  # the step's one host synchronisation
         if bad:
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            where = "" if local_bad else " in another process of the job"
-            raise NonFiniteLoss(f"non-finite loss{where} at epoch {epoch}, step {i + 1}/"
-                                f"{len(loader)}: total={float(total.detach()):.4g} ({shown})")
-        step(optimizer, total, scaler)
-        batches += 1
-        for name, value in list(terms.items()) + [("total", total)]:
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-        bar.set_postfix(loss=f"{sums['total'] / batches:.4f}")
-        if args.log_every and (i + 1) % args.log_every == 0:
-            tqdm.write(f"epoch {epoch} step {i + 1}/{len(loader)} loss {sums['total'] / batches:.4f}")
+            raise NonFiniteLoss(non_finite_message(terms, total, epoch, i, len(loader)))
+        backward_and_step(optimizer, total, scaler)
+        sums.add(terms, total)
+        if (i + 1) % show_every == 0 and (progress or log_every):
+            mean = sums.read()["total"] / sums.batches
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if log_every:
+                tqdm.write(f"epoch {epoch} step {i + 1}/{len(loader)} loss {mean:.4f}")
         if stop:
-            raise Interrupted({"epoch": epoch, "step": i + 1, "sums": sums, "batches": batches,
-                               "rng": rng_state()})
-    return means()
+            raise Interrupted({"epoch": epoch, "step": i + 1, "sums": sums.read(),
+                               "batches": sums.batches, "rng": rng_state()})
+    return sums.means()

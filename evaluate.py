@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from cli import HelpFormatter, UserError, run_cli
+from compute import (add_compute_flags, count_params, resolve_device,
+                     set_compute_resources)
 from data import NUM_CLASSES, eval_loader, to_model_input
-from engine import class_map, evaluate_and_report, logits_of
+from distill import logits_of
+from engine import class_map, evaluate_and_report
+from files import save_json
 from nets import model_from_checkpoint
 from plots import save_overlay
-from cli import HelpFormatter, UserError, run_cli
-from compute import add_compute_flags, count_params, resolve_device, set_compute_resources
-from files import save_json
 
 
 def get_args_parser():

@@ -14,7 +14,6 @@ import torch
 
 from cli import UserError, one_line
 
-
 REPLACE_TRIES = 5
 
 

@@ -1,37 +1,27 @@
-"""Losses for training and distilling the segmentation student.
+"""Losses for training and distilling the segmentation student, and the one criterion.
 
-The project's training objective (alpha, beta, tau set by ``DistillationCriterion``):
+The training objective, stated once here (train_kd.py and docs/losses.md point to it):
 
-    L = (1 - alpha) * CE(y, z_s) + alpha * KD_tau(z_t, z_s) + beta * mean_taps(1 - cos(f_s, f_t))
+    L = (1 - alpha) * CE + alpha * KD_tau + beta * FEAT
+        + w_pixel * L_pi + w_pair * L_pa + w_at * AT + w_cwd * CWD
 
-    CE        pixel-wise cross-entropy with the ground truth, void pixels (255) ignored
-    KD_tau    tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), averaged over pixels
-    1 - cos   one minus the cosine similarity of adapted student and teacher features
-              at each pixel, averaged over pixels, then over the feature taps
+    CE      pixel-wise cross-entropy with the labels, void pixels (255) ignored
+    KD_tau  tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), averaged over pixels
+    FEAT    1 - cosine of adapted student and teacher features per pixel, averaged over
+            the pixels, then over the low/mid/high taps
+    L_pi, L_pa  the seed paper's pixel-wise pre-activation and pair-wise similarity losses;
+    AT, CWD     attention transfer and channel-wise distillation (each function says how)
 
-Further terms (weights pixel, pair, at, cwd; see each function): the pixel-wise
-pre-activation loss and the pair-wise similarity loss of the seed paper, attention transfer
-and channel-wise distillation. A progressive schedule (``kd_weight_scale``) scales every
-distillation weight per epoch; CE always gets 1 - the effective alpha.
+A progressive schedule (``kd_weight_scale``, --kd-schedule) scales every distillation
+weight per epoch, and CE gets 1 - the effective alpha. docs/losses.md maps this onto the
+lab handout's notation (alpha_lab = 1 - alpha, beta_lab = alpha).
 
-Mapping to the lab handout's notation
-
-    L = alpha_lab * H(y, sigma(z_s)) + beta_lab * H(sigma(z_t; tau), sigma(z_s; tau))
-
-is alpha_lab = 1 - alpha and beta_lab = alpha.  The handout writes the soft term as a
-cross-entropy; it differs from the KL used here only by the teacher's entropy, a constant
-with respect to the student, so both give the same gradients.  Our KD term also carries
-the tau^2 factor of Hinton et al. (2015): the soft-target gradients scale as 1/tau^2, and
-multiplying by tau^2 keeps them on the scale of the hard-label ones when tau changes.
-
-Every loss is a small function.  ``TERMS`` is the one table of distillation terms: each
-row names its loss, what it reads, its weight flag with default and range, and its own
-parameters; train_kd.py's flags, the criterion's weights and inputs, and the logged keys all
-come from it.  ``DistillationCriterion`` computes a dict of unweighted, named terms
-(``forward``), keeps the weights in one place (``weights``) and sums them in one place
-(``total``).  To add a term: write its loss function and add a row to ``TERMS``.
+Every loss is a small function. ``TERMS`` is the one table of distillation terms: each row
+names its loss, what it reads, its weight flag with default and range, and its parameters;
+train_kd.py's flags, the criterion's weights and inputs, and the logged keys come from it.
+``DistillationCriterion`` returns the unweighted named terms (``forward``), sets the weights
+(``weights``) and sums them (``total``). To add a term: its loss function and a row of TERMS.
 """
-import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -39,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli import Option
 from data import IGNORE_INDEX
-from cli import ranged
 
 
 def _check_4d(name, x):
@@ -48,12 +38,15 @@ def _check_4d(name, x):
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}")
 
 
-def _check_pair(s_name, s, t_name, t):
+def _check_pair(s_name, s, t_name, t, channels=False):
+    """Both 4-D with one batch size, and with ``channels`` one channel count (a student's
+    feature passes through its 1x1 adapter first)."""
     _check_4d(s_name, s)
     _check_4d(t_name, t)
-    if s.shape[0] != t.shape[0]:
-        raise ValueError(f"{s_name} and {t_name} must have the same batch size; got "
-                         f"{tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[0] != t.shape[0] or (channels and s.shape[1] != t.shape[1]):
+        what = "batch size and channels (classes)" if channels else "batch size"
+        raise ValueError(f"{s_name} and {t_name} must have the same {what} (map a student's "
+                         f"feature through its adapter); got {tuple(s.shape)} and {tuple(t.shape)}")
 
 
 def cross_entropy_loss(logits, target):
@@ -91,21 +84,15 @@ def hinton_kd_loss(student_logits, teacher_logits, tau):
     """Soft-target distillation loss of Hinton et al. (2015), "Distilling the Knowledge in a
     Neural Network": tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)).
 
-    The KL divergence is summed over classes at each pixel and averaged over the N*H*W
-    pixels, so the value does not grow with the image size (a 4-D ``batchmean`` would).
-    Computed in float32 with autocast disabled, so it stays finite under bf16/fp16 AMP even
-    for large tau.  The teacher is a fixed target: its logits are detached.  If the
-    teacher's logits have another spatial size than the student's, they are first resized
-    bilinearly (align_corners=False) to the student's size.
+    The KL is summed over classes at each pixel and averaged over the N*H*W pixels, so the
+    value does not grow with the image size (a 4-D ``batchmean`` would). tau^2 keeps the
+    soft-target gradients, which scale as 1/tau^2, on the scale of the hard-label ones as tau
+    changes. float32 with autocast off, so it stays finite under bf16/fp16 AMP even for large
+    tau. The teacher is a fixed target (detached), resized bilinearly to the student's size.
 
     student_logits, teacher_logits: (N, C, H, W) (teacher may have another H, W); tau > 0.
     """
-    _check_4d("student_logits", student_logits)
-    _check_4d("teacher_logits", teacher_logits)
-    if student_logits.shape[:2] != teacher_logits.shape[:2]:
-        raise ValueError(f"student and teacher logits must have the same batch size and number "
-                         f"of classes; got {tuple(student_logits.shape)} and "
-                         f"{tuple(teacher_logits.shape)}")
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits, channels=True)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         # per-pixel KL over the classes, shape (N, H, W), averaged over the pixels
         kl = _tempered_kl(student_logits, _align(teacher_logits, student_logits), tau, dim=1)
@@ -124,15 +111,7 @@ def cosine_feature_loss(student_feat, teacher_feat):
 
     student_feat: (N, C, h, w); teacher_feat: (N, C, H, W).
     """
-    _check_4d("student_feat", student_feat)
-    _check_4d("teacher_feat", teacher_feat)
-    if student_feat.shape[1] != teacher_feat.shape[1]:
-        raise ValueError(f"student and teacher features must have the same number of channels "
-                         f"(pass the student feature through its 1x1 adapter first); got "
-                         f"{student_feat.shape[1]} and {teacher_feat.shape[1]}")
-    if student_feat.shape[0] != teacher_feat.shape[0]:
-        raise ValueError(f"student and teacher features must have the same batch size; got "
-                         f"{student_feat.shape[0]} and {teacher_feat.shape[0]}")
+    _check_pair("student_feat", student_feat, "teacher_feat", teacher_feat, channels=True)
     with torch.autocast(device_type=student_feat.device.type, enabled=False):
         s = student_feat.float()
         t = teacher_feat.detach().float()
@@ -237,11 +216,7 @@ def cwd_loss(student_logits, teacher_logits, tau):
     are full size). Works on any (N, C, H, W) pair with equal C: logits, or features
     through an adapter. float32, autocast off; the teacher is detached.
     """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    if student_logits.shape[1] != teacher_logits.shape[1]:
-        raise ValueError(f"cwd_loss needs the same number of channels; got "
-                         f"{student_logits.shape[1]} and {teacher_logits.shape[1]} (map the "
-                         f"student's channels through an adapter first)")
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits, channels=True)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         # per-channel KL over the H*W positions, shape (N, C)
         t = _align(teacher_logits, student_logits)
@@ -271,6 +246,10 @@ def kd_weight_scale(epoch, schedule="constant", warmup_epochs=0, step_epoch=1):
     raise ValueError(f"unknown KD schedule {schedule!r}; choose one of {', '.join(KD_SCHEDULES)}")
 
 
+# The feature taps both networks give, by name (distill.TAPS says where each comes from)
+FEATURE_TAPS = ("low", "mid", "high")
+
+
 class Outputs(NamedTuple):
     """What one network produced for a batch: logits, raw taps by name, and (student only)
     the taps mapped through the 1x1 adapters to the teacher's channels."""
@@ -279,30 +258,11 @@ class Outputs(NamedTuple):
     adapted: Optional[dict] = None
 
 
-def _tap_term(loss, taps, source="taps"):
-    """A term computed on each of ``taps`` (student ``source`` vs teacher raw taps); it is
-    the mean over the taps, and each tap is logged on its own."""
-    return lambda s, t, p: {tap: loss(getattr(s, source)[tap], t.taps[tap]) for tap in taps}
-
-
-@dataclass(frozen=True)
-class Option:
-    """A command-line number: flag names, default, help, and its valid range (checked by the
-    parser, the one place): ``low`` <= value (< when ``open_low``) <= ``high``."""
-    flags: tuple
-    default: float
-    help: str
-    low: float = 0.0
-    high: float = math.inf
-    open_low: bool = False
-
-    @property
-    def dest(self):
-        return self.flags[0].lstrip("-").replace("-", "_")
-
-    @property
-    def parse(self):
-        return ranged(float, self.low, self.high, self.open_low)
+def _per_tap(loss, source="taps"):
+    """A term computed on each of the FEATURE_TAPS (student ``source`` vs teacher raw taps);
+    it is the mean over the taps, and each tap is logged on its own."""
+    return lambda student, teacher, params: {
+        tap: loss(getattr(student, source)[tap], teacher.taps[tap]) for tap in FEATURE_TAPS}
 
 
 @dataclass(frozen=True)
@@ -318,21 +278,19 @@ class Term:
     reads: frozenset
     weight: Option
     params: tuple = ()
-    # For the report: a human name, the formula in typst math (the text between $ $, the
-    # right-hand side only, written once here and rendered by report.py), the symbol that
-    # stands for the term in ``total_formula``, and the key of its paper in
-    # architecture.CITATIONS.
+    # For the report: a human name, the right-hand side in typst math (written once here),
+    # its symbol in report.total_formula, and its paper's key in architecture.CITATIONS.
     label: str = ""
     formula: str = ""
     symbol: str = ""
     paper: str = ""
 
 
-ADAPTED_TAPS = ("low", "mid", "high")
 # The one table of distillation terms: adding a term is a loss function and a row here.
 # CE is not a row: it is the one rule "CE gets 1 - alpha" (DistillationCriterion.weights).
 TERMS = {
-    "kd": Term(lambda s, t, p: hinton_kd_loss(s.logits, t.logits, p["tau"]), frozenset(),
+    "kd": Term(lambda student, teacher, params: hinton_kd_loss(student.logits, teacher.logits,
+                                                                params["tau"]), frozenset(),
                Option(("--alpha",), 0.0, "weight of the Hinton KD term; CE gets 1 - alpha "
                       "(0 = no response KD)", high=1.0),
                (Option(("--tau", "--temp"), 4.0, "softmax temperature of the KD term (--temp "
@@ -341,7 +299,7 @@ TERMS = {
                formula=r'tau^2/abs(Omega) sum_(i in Omega) "KL"(sigma(z_T (i) \/ tau) || '
                        r'sigma(z_S (i) \/ tau))',
                symbol='cal(L)_"KD"', paper="hinton"),
-    "feat": Term(_tap_term(cosine_feature_loss, ADAPTED_TAPS, "adapted"), frozenset({"adapted"}),
+    "feat": Term(_per_tap(cosine_feature_loss, "adapted"), frozenset({"adapted"}),
                  Option(("--beta",), 0.0, "weight of the cosine feature term, averaged over "
                         "the low/mid/high taps"),
                  label="Feature-based KD (cosine hint loss)",
@@ -349,7 +307,8 @@ TERMS = {
                          r'sum_(i in Omega_t) (1 - cos(tilde(f)_S^t (i), f_T^t (i))), quad '
                          r'tilde(f)_S^t = "resize"(A_t (f_S^t))',
                  symbol='cal(L)_"feat"', paper="fitnets"),
-    "pixel": Term(lambda s, t, p: pixelwise_preact_loss(s.taps["preact"], t.taps["preact"]),
+    "pixel": Term(lambda student, teacher, params: pixelwise_preact_loss(
+                      student.taps["preact"], teacher.taps["preact"]),
                   frozenset({"taps", "preact"}),
                   Option(("--w-pixel",), 0.0, "weight of the pixel-wise pre-activation loss "
                          "L_pi on the last layer before the classifier (seed paper: 100)"),
@@ -358,7 +317,8 @@ TERMS = {
                           r'G = sum_c F_c, quad m_i = cases(0 "if" G_S (i) <= G_T (i) <= 0, '
                           r'1 "otherwise")',
                   symbol='cal(L)_"pi"', paper="overhaul"),
-    "pair": Term(lambda s, t, p: pairwise_similarity_loss(s.taps["high"], t.taps["high"]),
+    "pair": Term(lambda student, teacher, params: pairwise_similarity_loss(
+                     student.taps["high"], teacher.taps["high"]),
                  frozenset({"taps"}),
                  Option(("--w-pair",), 0.0, "weight of the pair-wise similarity loss L_pa on "
                         "the encoder's 'high' tap, 3x3 nodes (seed paper: 1)"),
@@ -366,14 +326,15 @@ TERMS = {
                  formula=r'1/g^4 sum_(j,k=1)^(g^2) (a^S_(j k) - a^T_(j k))^2, quad '
                          r'a_(j k) = hat(f)_j dot hat(f)_k, quad g = 3',
                  symbol='cal(L)_"pa"', paper="skd"),
-    "at": Term(_tap_term(attention_transfer_loss, ("low", "mid", "high")), frozenset({"taps"}),
+    "at": Term(_per_tap(attention_transfer_loss), frozenset({"taps"}),
                Option(("--w-at",), 0.0, "weight of attention transfer, averaged over the "
                       "low/mid/high taps"),
                label="Attention transfer",
                formula=r'1/3 sum_t 1/abs(Omega_t) sum_(i in Omega_t) (q_S^t (i) - q_T^t (i))^2, '
                        r'quad q = m / norm(m)_2, quad m = 1/C sum_c F_c^2',
                symbol='cal(L)_"AT"', paper="attention_transfer"),
-    "cwd": Term(lambda s, t, p: cwd_loss(s.logits, t.logits, p["cwd_tau"]), frozenset(),
+    "cwd": Term(lambda student, teacher, params: cwd_loss(student.logits, teacher.logits,
+                                                           params["cwd_tau"]), frozenset(),
                 Option(("--w-cwd",), 0.0, "weight of channel-wise distillation (CWD) on the "
                        "logits"),
                 (Option(("--cwd-tau",), 4.0, "temperature of the CWD term", open_low=True),),
@@ -389,34 +350,6 @@ CE_FORMULA = r'-1/abs(V) sum_(i in V) log sigma(z_S (i))_(y_i), quad V = {i : y_
 CE_SYMBOL = 'cal(L)_"CE"'
 
 
-def _typst_number(x):
-    """``x`` as typst math: 0.5, 100, or 1 times 10^(-5) (never Python's '1e-05')."""
-    text = f"{x:g}"
-    if "e" not in text:
-        return text
-    mantissa, exponent = text.split("e")
-    return f"{mantissa} times 10^({int(exponent)})"
-
-
-def total_formula(weights):
-    """The total loss in typst math with its non-zero weights filled in, e.g.
-    ``cal(L) = 0.5 dot cal(L)_"CE" + 0.5 dot cal(L)_"KD" + 1 dot cal(L)_"feat"`` for
-    {'kd': 0.5, 'feat': 1.0}. ``weights``: {term of TERMS: weight}, as the criterion's
-    base weights or its ``weights()`` (then 'ce' is given; otherwise CE gets 1 - weights['kd']).
-    Each symbol is the ``symbol`` of its TERMS row (CE_SYMBOL for CE); zero weights are left out.
-    """
-    unknown = set(weights) - set(TERMS) - {"ce"}
-    if unknown:
-        raise KeyError(f"unknown loss terms {sorted(unknown)}; known: ce, {', '.join(TERMS)}")
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"loss weights must be >= 0; got {weights}")
-    ce = weights.get("ce", 1.0 - weights.get("kd", 0.0))
-    parts = [(ce, CE_SYMBOL)] + [(weights.get(name, 0.0), term.symbol)
-                                 for name, term in TERMS.items()]
-    summands = [f"{_typst_number(w)} dot {symbol}" for w, symbol in parts if w != 0]
-    return "cal(L) = " + (" + ".join(summands) or "0")
-
-
 def term_options():
     """Every (weight and parameter) option of the table, in order: the train_kd.py flags."""
     return [opt for term in TERMS.values() for opt in (term.weight, *term.params)]
@@ -430,8 +363,8 @@ def add_term_flags(group):
 
 
 class DistillationCriterion(nn.Module):
-    """L = (1 - a) * CE + a * KD_tau + s * sum_{other terms} w_term * L_term,
-    a = s * alpha, s = the schedule factor of the epoch (``kd_weight_scale``).
+    """The training objective of the module docstring, each weight scaled by the epoch's
+    schedule factor (``kd_weight_scale``).
 
     ``weights``: {term name of TERMS: base weight} ('kd' is alpha); ``params``: the terms'
     parameters by dest name (tau, cwd_tau). ``forward(student, target, teacher)`` returns a

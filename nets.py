@@ -12,11 +12,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 from torchvision.models import get_model_weights
 from torchvision.models import segmentation as tv_seg
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from cli import UserError, one_line
 
@@ -41,6 +38,13 @@ def load_pretrained(build, weights, what, fix):
                         f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or {fix}") from None
 
 
+def with_model_args(model, arch, num_classes):
+    """``model`` with the ``model_args`` every checkpoint records, so that
+    ``build_model(**model_args)`` rebuilds it alone."""
+    model.model_args = {"arch": arch, "num_classes": num_classes}
+    return model
+
+
 def build_model(arch, num_classes=21, pretrained=False):
     """A model by name; ``pretrained`` downloads torchvision's weights (backbone for students)."""
     if arch in STUDENT_ARCHS:
@@ -55,8 +59,7 @@ def build_model(arch, num_classes=21, pretrained=False):
     if not pretrained:
         # weights_backbone=None: no ImageNet download for a randomly initialised model
         model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **extra)
-        model.model_args = {"arch": arch, "num_classes": num_classes}  # for checkpoints
-        return model
+        return with_model_args(model, arch, num_classes)
     if num_classes != 21:
         raise UserError(f"torchvision's pretrained {arch} predicts 21 VOC classes, not "
                         f"{num_classes}; use --weights none or a checkpoint")
@@ -65,8 +68,7 @@ def build_model(arch, num_classes=21, pretrained=False):
                             f"torchvision's {arch} weights",
                             "pass a local state dict as the weights PATH, or 'none' for random "
                             "weights")
-    model.model_args = {"arch": arch, "num_classes": num_classes}
-    return model
+    return with_model_args(model, arch, num_classes)
 
 
 def build_student(arch, num_classes=21, pretrained_backbone=True):
@@ -83,8 +85,7 @@ def build_student(arch, num_classes=21, pretrained_backbone=True):
                                       weights_backbone=weights),
         weights, f"{arch}'s ImageNet backbone",
         "pass --no-pretrained-backbone to start from random weights")
-    model.model_args = {"arch": arch, "num_classes": num_classes}
-    return model
+    return with_model_args(model, arch, num_classes)
 
 
 def read_checkpoint(path):
@@ -159,83 +160,3 @@ def model_from_checkpoint(path):
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit {model_args} ({one_line(exc, 160)})") from None
     return model, ckpt
-
-
-# Feature taps per architecture, resolved here once: arch -> {tap: (return node, channels)}.
-# torchvision's ResNet segmentation models dilate layer3/layer4 (output stride 8), so
-# layer1 sits at stride 4 and layer2/layer4 at stride 8. 'preact' is the PRE-ReLU output
-# of the last layer before the classifier (the pixel-wise loss L_pi): the BatchNorm of the
-# head's last 3x3 conv (FCNHead: classifier.1, 512 ch; DeepLabHead: classifier.2, 256 ch),
-# the counterpart of the student's last refinement BN. The compact students return their
-# taps themselves (``forward(return_features=True, return_preact=True)``): node None.
-RESNET_TAPS = {"low": ("backbone.layer1", 256), "mid": ("backbone.layer2", 512),
-               "high": ("backbone.layer4", 2048)}
-ADAPTED_TAPS = ("low", "mid", "high")  # the taps the cosine feature loss uses via adapters
-
-
-def _student_taps(variant):
-    from student_model import CompactStudentModel
-    taps = {name: (None, ch) for name, ch in CompactStudentModel.FEATURE_CHANNELS.items()}
-    taps["preact"] = (None, CompactStudentModel.PREACT_CHANNELS[variant])
-    return taps
-
-
-TAPS = {
-    "fcn_resnet50": {**RESNET_TAPS, "preact": ("classifier.1", 512)},
-    "fcn_resnet101": {**RESNET_TAPS, "preact": ("classifier.1", 512)},
-    "deeplabv3_resnet50": {**RESNET_TAPS, "preact": ("classifier.2", 256)},
-    "deeplabv3_resnet101": {**RESNET_TAPS, "preact": ("classifier.2", 256)},
-}
-
-
-def feature_taps(arch):
-    """{tap: (node or None, channels)} of ``arch``: 'low', 'mid', 'high' and 'preact'."""
-    if arch in STUDENT_ARCHS:
-        return _student_taps(arch)
-    if arch in TAPS:
-        return dict(TAPS[arch])
-    raise UserError(f"{arch} has no feature taps for distillation; use one of "
-                    f"{', '.join(STUDENT_ARCHS + tuple(TAPS))}")
-
-
-def feature_channels(arch):
-    """Channels of the 'low', 'mid', 'high' taps of ``arch`` (those the adapters map)."""
-    taps = feature_taps(arch)
-    return {name: taps[name][1] for name in ADAPTED_TAPS}
-
-
-class FrozenTeacher(nn.Module):
-    """The teacher, frozen in this one place: eval mode, requires_grad off, forward under no_grad.
-
-    ``forward(x)`` returns (full-size logits, {'low', 'mid', 'high'} features, plus 'preact'
-    when built with ``preact=True``), all from ONE forward pass. Features of torchvision
-    models come through ``create_feature_extractor`` (no hand-written hooks); the logits
-    are the main classifier's output upsampled bilinearly to the input, as torchvision does
-    (the node is found from the head itself, so FCN and DeepLabV3 both work; the aux head
-    is never computed).
-    """
-
-    def __init__(self, model, arch, preact=False):
-        super().__init__()
-        self.arch, self.preact = arch, preact
-        self.channels = feature_channels(arch)
-        if arch in STUDENT_ARCHS:  # a compact model can teach too (the offline demo)
-            self.net = model
-        else:
-            nodes = {node: name for name, (node, _) in feature_taps(arch).items()
-                     if name != "preact" or preact}
-            nodes[f"classifier.{len(model.classifier) - 1}"] = "out"  # main head's last conv
-            self.net = create_feature_extractor(model, return_nodes=nodes)
-        self.net.eval().requires_grad_(False)
-
-    def train(self, mode=True):
-        return super().train(False)  # model.train() on a parent never unfreezes BN statistics
-
-    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward
-    def forward(self, x):
-        if self.arch in STUDENT_ARCHS:
-            return self.net(x, return_features=True, return_preact=self.preact)
-        out = self.net(x)
-        logits = F.interpolate(out.pop("out"), size=x.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return logits, out

@@ -31,7 +31,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import typeset
-from cli import REPO_DIR, HelpFormatter, UserError, git_revision, ranged, run_cli
+from cli import (REPO_DIR, HelpFormatter, UserError, git_revision, ranged,
+                 run_cli)
 from files import save_json
 
 PDF = "report/report.pdf"
@@ -231,8 +232,8 @@ def refuse_stale_pdf(root):
 
 def checkpoint_params(path, scripts):
     """Parameters of the model a checkpoint holds, as the scripts that read it count them."""
-    from nets import load_model, model_from_checkpoint
     from compute import count_params
+    from nets import load_model, model_from_checkpoint
     try:
         model, _ = model_from_checkpoint(path)
     except UserError:

@@ -17,8 +17,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
-from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
 from cli import HelpFormatter  # noqa: E402
+from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
 
 
 def fit_title(ax, text, fontsize=10):

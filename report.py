@@ -31,11 +31,11 @@ from pathlib import Path
 import plots
 import typeset
 from checkpoints import read_history
-from typeset import Bullets, Code, Figure, Grid, Heading, Markdown, Math, Only, Para, Table
 from cli import REPO_DIR, HelpFormatter, UserError, markdown_table, run_cli
 from compute import count_params
-
-from losses import CE_FORMULA, CE_SYMBOL, TERMS, total_formula
+from losses import CE_FORMULA, CE_SYMBOL, TERMS
+from typeset import (Bullets, Code, Figure, Grid, Heading, Markdown, Math,
+                     Only, Para, Table)
 
 METHODS = (  # name, label in the lab's table
     ("teacher", "Teacher"),
@@ -46,6 +46,34 @@ METHODS = (  # name, label in the lab's table
 )
 MAIN_HEADER = ("Knowledge distillation", "mIoU (%)", "# Parameters", "Inference (ms/image)", "FPS",
                "Training time (min)", "Source")
+
+
+def _typst_number(x):
+    """``x`` as typst math: 0.5, 100, or 1 times 10^(-5) (never Python's '1e-05')."""
+    text = f"{x:g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa} times 10^({int(exponent)})"
+
+
+def total_formula(weights):
+    """The total loss in typst math with its non-zero weights filled in, e.g.
+    ``cal(L) = 0.5 dot cal(L)_"CE" + 0.5 dot cal(L)_"KD" + 1 dot cal(L)_"feat"`` for
+    {'kd': 0.5, 'feat': 1.0}. ``weights``: {term of TERMS: weight}, as the criterion's
+    base weights or its ``weights()`` (then 'ce' is given; otherwise CE gets 1 - weights['kd']).
+    Each symbol is the ``symbol`` of its TERMS row (CE_SYMBOL for CE); zero weights are left out.
+    """
+    unknown = set(weights) - set(TERMS) - {"ce"}
+    if unknown:
+        raise KeyError(f"unknown loss terms {sorted(unknown)}; known: ce, {', '.join(TERMS)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"loss weights must be >= 0; got {weights}")
+    ce = weights.get("ce", 1.0 - weights.get("kd", 0.0))
+    parts = [(ce, CE_SYMBOL)] + [(weights.get(name, 0.0), term.symbol)
+                                 for name, term in TERMS.items()]
+    summands = [f"{_typst_number(w)} dot {symbol}" for w, symbol in parts if w != 0]
+    return "cal(L) = " + (" + ".join(summands) or "0")
 
 
 def get_args_parser():

@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
 
-from nets import load_pretrained
+from nets import load_pretrained, with_model_args
 
 # Head widths: (ASPP channels, decoder channels, separable 3x3 convs?)
 _VARIANTS = {"lab": (256, 256, False), "lite": (96, 96, True)}
@@ -121,7 +121,7 @@ class CompactStudentModel(nn.Module):
         super().__init__()
         if variant not in _VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(_VARIANTS)}")
-        self.model_args = {"arch": variant, "num_classes": num_classes}
+        with_model_args(self, variant, num_classes)
         aspp_ch, dec_ch, separable = _VARIANTS[variant]
 
         self.backbone = _backbone(pretrained_backbone)
@@ -175,27 +175,3 @@ class CompactStudentModel(nn.Module):
         for module in leaves[last_relu + 1:]:
             y = module(y)
         return y
-
-
-class FeatureAdapters(nn.Module):
-    """Training-only 1x1 convs mapping student taps to teacher widths for feature distillation.
-
-    Kept out of ``CompactStudentModel`` so the deployed student and its checkpoints carry
-    no distillation-only weights.
-    """
-
-    def __init__(self, student_channels, teacher_channels):
-        super().__init__()
-        if set(student_channels) != set(teacher_channels):
-            raise ValueError(f"student taps {sorted(student_channels)} and teacher taps "
-                             f"{sorted(teacher_channels)} differ")
-        self.adapters = nn.ModuleDict({name: nn.Conv2d(student_channels[name], teacher_channels[name], 1)
-                                       for name in student_channels})
-
-    def forward(self, feats):
-        """{tap: adapted map} for every tap with an adapter; other entries of ``feats`` (the
-        student's 'preact') pass by, so callers hand over the student's taps as they come."""
-        missing = set(self.adapters) - set(feats)
-        if missing:
-            raise KeyError(f"taps {sorted(missing)} are missing; the adapters need {sorted(self.adapters)}")
-        return {name: adapter(feats[name]) for name, adapter in self.adapters.items()}

@@ -33,14 +33,14 @@ from pathlib import Path
 import scipy.stats
 
 import train_kd
-from losses import TERMS
-from data import eval_loader
-from engine import evaluate
-from nets import model_from_checkpoint
-from plots import bar_chart
 from cli import HelpFormatter, UserError, markdown_table, ranged, run_cli
 from compute import resolve_device, set_compute_resources
+from data import eval_loader
+from engine import evaluate
 from files import StopRequest, save_json
+from losses import TERMS
+from nets import model_from_checkpoint
+from plots import bar_chart
 
 
 class _SweepParser(argparse.ArgumentParser):

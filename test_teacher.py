@@ -11,11 +11,12 @@ This file is a deliverable of the lab, not a unit test: pytest is pointed at tes
 """
 import argparse
 
+from cli import HelpFormatter, run_cli
+from compute import (add_compute_flags, count_params, resolve_device,
+                     set_compute_resources)
 from data import eval_loader
 from engine import evaluate_and_report
 from nets import TEACHER_ARCHS, load_model
-from cli import HelpFormatter, run_cli
-from compute import add_compute_flags, count_params, resolve_device, set_compute_resources
 
 
 def get_args_parser():

@@ -33,18 +33,18 @@ from pathlib import Path
 import torch
 
 from checkpoints import checkpoint_state, write_history
-from data import EpochSampler, build_dataset, eval_loader, loader, to_model_input, write_synth_voc
-from engine import Distiller, build_optimizer, evaluate, logits_of, train_one_epoch
-from losses import DistillationCriterion, cross_entropy_loss
-from nets import FrozenTeacher, build_model
-from student_model import FeatureAdapters
 from compute import TORCH_DEFAULT_THREADS, set_compute_resources
+from data import (EpochSampler, build_dataset, eval_loader, loader,
+                  to_model_input, write_synth_voc)
+from distill import FrozenTeacher, build_distiller, build_optimizer, logits_of
+from engine import evaluate, train_one_epoch
 from files import torch_save
+from losses import DistillationCriterion, cross_entropy_loss
+from nets import build_model
 
 SIZES = {"voc": {"size": 440, "crop": 480, "scale": (0.5, 2.0), "train": 48, "val": 16},
          "demo": {"size": 96, "crop": 96, "scale": (0.75, 1.5), "train": 160, "val": 150,
                   "val_every": 5}}  # demo.py's; val is its 'select' (a test holds them equal)
-QUIET = argparse.Namespace(amp=False, progress=False, log_every=0)
 
 
 def make_trees(folder):
@@ -79,11 +79,9 @@ def kd_setup(weights, teacher, student_arch="lite", lr=1e-3, device=torch.device
     torch.manual_seed(0)
     student = build_model(student_arch)
     criterion = DistillationCriterion(weights)
-    adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels) \
-        if "adapted" in criterion.needs() else None
-    params = list(student.parameters()) + (list(adapters.parameters()) if adapters else [])
-    return (Distiller(student, criterion, teacher, adapters), criterion,
-            build_optimizer("adam", params, lr, 1e-4, device), student)
+    distiller = build_distiller(student, criterion, teacher)
+    optimizer = build_optimizer("adam", distiller.trainable_parameters(), lr, 1e-4, device)
+    return distiller, criterion, optimizer, student
 
 
 def bare_rate(student, optimizer, images, targets, steps):
@@ -117,7 +115,7 @@ def step_rates(root, device, rounds=3):
         for epoch in range(rounds + 1):  # epoch 0 warms up; then loop and bare alternate,
             sampler.set_epoch(epoch)     # so that load on a shared machine hits both alike
             start = time.perf_counter()
-            train_one_epoch(model, criterion, optimizer, batches, device, epoch, QUIET)
+            train_one_epoch(model, criterion, optimizer, batches, device, epoch, progress=False)
             loop.append(len(batches) * 8 / (time.perf_counter() - start))
             bare.append(bare_rate(student, optimizer, images, targets, len(batches)))
         rates[name] = {"loop_ips": statistics.median(loop[1:]),
@@ -152,12 +150,13 @@ def epoch_parts(root, folder, device, epochs=3):
     for epoch in range(epochs + 1):
         sampler.set_epoch(epoch)
         t = [time.perf_counter()]
-        losses = train_one_epoch(model, criterion, optimizer, batches, device, epoch, QUIET)
+        losses = train_one_epoch(model, criterion, optimizer, batches, device, epoch,
+                                 progress=False)
         t.append(time.perf_counter())
         scores = evaluate(student, val, device, warmup=0, progress=False)
         t.append(time.perf_counter())
-        torch_save(checkpoint_state(student, None, optimizer, None, None, epoch, QUIET,
-                                    scores["miou"]), path / "last.pth")
+        torch_save(checkpoint_state(student, None, optimizer, None, None, epoch,
+                                    {"amp": False}, scores["miou"]), path / "last.pth")
         t.append(time.perf_counter())
         records.append({"epoch": epoch, **losses, "val_miou": scores["miou"]})
         write_history(records, path / "history.jsonl")
@@ -199,7 +198,8 @@ def epoch_seconds(root, device, threads, epochs=2):
         for epoch in range(epochs + 1):
             sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_one_epoch(model.to(device), criterion, optimizer, batches, device, epoch, QUIET)
+            train_one_epoch(model.to(device), criterion, optimizer, batches, device, epoch,
+                            progress=False)
             seconds.append(time.perf_counter() - start)
         return statistics.median(seconds[1:])
     finally:

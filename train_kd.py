@@ -32,21 +32,25 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import (RERUN, Interrupted, check_resume_fits, checkpoint_state,
-                         exit_interrupted, partial_for_this_process, read_history,
-                         remove_stale_temporaries, resolve_resume, restore_training_state,
-                         save_interrupted, write_history)
+from checkpoints import (RERUN, Interrupted, check_resume_fits,
+                         checkpoint_state, exit_interrupted,
+                         partial_for_this_process, read_history,
+                         remove_stale_temporaries, resolve_resume,
+                         restore_training_state, save_interrupted,
+                         write_history)
+from cli import (HelpFormatter, UserError, git_revision, one_line, ranged,
+                 run_cli)
+from compute import (Distributed, add_compute_flags, amp_dtype, count_params,
+                     device_name, grad_scaler, resolve_device, seed_everything,
+                     set_compute_resources)
 from data import EpochSampler, build_dataset, eval_loader, loader
-from engine import Distiller, NonFiniteLoss, build_optimizer, evaluate, train_one_epoch
-from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
-from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS, FrozenTeacher, build_student,
-                  load_model, read_checkpoint)
-from plots import plot_history
-from student_model import FeatureAdapters
-from cli import HelpFormatter, UserError, git_revision, one_line, ranged, run_cli
-from compute import (Distributed, add_compute_flags, count_params, device_name, grad_scaler,
-                     resolve_device, seed_everything, set_compute_resources)
+from distill import build_distiller, build_optimizer, build_teacher, unwrapped
+from engine import NonFiniteLoss, StepCheck, evaluate, train_one_epoch
 from files import StopRequest, save_json, torch_save
+from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
+from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS,
+                  build_student, read_checkpoint)
+from plots import plot_history
 
 POSITIVE_INT, POSITIVE = ranged(int, 1), ranged(float, 0, open_low=True)
 
@@ -162,7 +166,7 @@ TAP_READS = {"taps", "adapted", "preact"}  # what a student without feature taps
 class Run:
     """Everything one training run holds, built by ``build`` and advanced by ``fit``."""
     args: Any
-    dist: Any
+    world: Any  # compute.Distributed: this process's place in a torchrun job
     device: torch.device
     paths: dict
     log: Any
@@ -171,7 +175,7 @@ class Run:
     student: Any = None
     adapters: Any = None
     criterion: Any = None
-    model: Any = None  # the Distiller, with DDP-wrapped student and adapters under torchrun
+    distiller: Any = None  # student, adapters, teacher (DDP-wrapped student/adapters: torchrun)
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
@@ -213,7 +217,7 @@ def set_deterministic():
 
 # --------------------------------------------------------------------------- build
 
-def start(args, dist):
+def start(args, world):
     """Device, logging, the run's files, and the checkpoint to resume from (if any)."""
     if args.deterministic:
         set_deterministic()
@@ -221,12 +225,12 @@ def start(args, dist):
         # fixed-size training crops: cuDNN picks its fastest kernels once per shape
         # (engine.evaluate turns this off around full-size images, whose shapes all differ)
         torch.backends.cudnn.benchmark = True
-    device = dist.device or resolve_device(args.device)
-    if args.sync_bn and dist.enabled and device.type != "cuda":
+    device = world.device or resolve_device(args.device)
+    if args.sync_bn and world.enabled and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); "
                         "drop it for a CPU run")
-    log = print if dist.is_main else (lambda *a, **k: None)
-    if not dist.is_main:  # one process prints
+    log = print if world.is_main else (lambda *a, **k: None)
+    if not world.is_main:  # one process prints
         args.progress, args.log_every = False, 0
     run_dir = Path(args.output_dir) / args.out
     paths = {"run": run_dir, "history": run_dir / "history.jsonl",
@@ -241,30 +245,30 @@ def start(args, dist):
     resources = set_compute_resources(args, device)
     log(f"args: {vars(args)}")
     log(f"device: {device} ({device_name(device)}), git: {git_revision()}"
-        + (f", {dist.world_size} processes (torchrun)" if dist.enabled else ""))
+        + (f", {world.world_size} processes (torchrun)" if world.enabled else ""))
     log(resources.replace("--threads", "the resumed run's count; --threads overrides")
         if reuse else resources)
-    return Run(args, dist, device, paths, log, resume)
+    return Run(args, world, device, paths, log, resume)
 
 
 def build_loaders(run):
     """The training set is cropped to a fixed size, so it batches; val is full size."""
-    args, dist = run.args, run.dist
+    args, world = run.args, run.world
     train_set = build_dataset(args.data_root, "train", args.train_set, args.crop_size,
                               args.limit_train, not args.no_download, args.sbd_root,
                               scale=tuple(args.scale_range))
-    if len(train_set) // dist.world_size < args.batch_size:
-        share = f" ({len(train_set) // dist.world_size} per process)" if dist.enabled else ""
+    if len(train_set) // world.world_size < args.batch_size:
+        share = f" ({len(train_set) // world.world_size} per process)" if world.enabled else ""
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(train_set)} images{share}); lower --batch-size")
     cuda = run.device.type == "cuda"
     val = eval_loader(args.data_root, args.limit_val, args.workers, not args.no_download,
-                      split=args.val_split, rank=dist.rank, world_size=dist.world_size,
+                      split=args.val_split, rank=world.rank, world_size=world.world_size,
                       pin_memory=cuda)
     # every sample's augmentation is seeded by (seed, epoch, index): the same for any number
     # of workers and any start method, so the workers can persist across epochs; under
     # torchrun each process reads its own share of every epoch's permutation
-    sampler = EpochSampler(len(train_set), args.seed, dist.rank, dist.world_size)
+    sampler = EpochSampler(len(train_set), args.seed, world.rank, world.world_size)
     # drop_last: a final batch of one image would break BatchNorm's batch statistics
     train = loader(train_set, args.batch_size, sampler, args.workers, pin_memory=cuda,
                    drop_last=True)
@@ -284,24 +288,21 @@ def build_models(run):
         # the backbone came from the run's first start: record what that start used
         args.pretrained_backbone = (run.resume.get("args") or {}).get("pretrained_backbone",
                                                                       args.pretrained_backbone)
-    if args.sync_bn and run.dist.enabled:
+    if args.sync_bn and run.world.enabled:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     run.student = student.to(device)
     run.criterion = DistillationCriterion.from_args(args)
-    needs, teacher = run.criterion.needs(), None
-    if run.criterion.active():  # with every distillation weight 0 the teacher is never built
-        teacher = FrozenTeacher(load_model(args.teacher, args.teacher_weights), args.teacher,
-                                preact="preact" in needs).to(device)
-        if "adapted" in needs:
-            run.adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device)
-    # every process holds its own frozen teacher: with no gradients to synchronise, it is
-    # never wrapped in DistributedDataParallel; the unwrapped modules are saved and evaluated
-    ddp = (lambda m: m if m is None else DistributedDataParallel(
+    teacher = build_teacher(run.criterion, args.teacher, args.teacher_weights)
+    # the unwrapped student and adapters are saved and evaluated; DDP averages their gradients
+    ddp = (lambda m: DistributedDataParallel(
         m, device_ids=[device.index] if device.type == "cuda" else None)) \
-        if run.dist.enabled else (lambda m: m)
-    run.model = Distiller(ddp(run.student), run.criterion, teacher, ddp(run.adapters))
-    params = list(student.parameters()) + (list(run.adapters.parameters()) if run.adapters else [])
-    run.optimizer = build_optimizer(args.optimizer, params, args.lr, args.weight_decay, run.device)
+        if run.world.enabled else None
+    run.distiller = build_distiller(run.student, run.criterion,
+                                    None if teacher is None else teacher.to(device), ddp)
+    if run.distiller.adapters is not None:
+        run.adapters = unwrapped(run.distiller.adapters)
+    run.optimizer = build_optimizer(args.optimizer, run.distiller.trainable_parameters(),
+                                    args.lr, args.weight_decay, run.device)
     run.scheduler = build_scheduler(args, run.optimizer)
     run.scaler = grad_scaler(device, args.amp)
     run.log(f"student {args.student}: {count_params(student):,} inference parameters"
@@ -319,37 +320,40 @@ def restore(run):
             raise UserError(f"{run.paths['resume']}: does not fit this run ({type(exc).__name__}"
                             f": {one_line(exc, 150)}); resume with the run's own flags (--student, "
                             "--alpha/--beta/--w-*) or start a new --out") from None
-        run.partial = partial_for_this_process(partial, run.dist, run.log)
+        run.partial = partial_for_this_process(partial, run.world, run.log)
         where = (f", inside epoch {run.partial['epoch']} at step {run.partial['step']}"
                  if run.partial else "")
         run.log(f"resumed from {run.paths['resume']} after epoch {run.start_epoch}{where} (best "
                 f"mIoU {run.best_miou:.4f})")
         run.records = read_history(run.paths["history"], run.start_epoch)
-    if run.dist.is_main:
+    if run.world.is_main:
         remove_stale_temporaries(run.args.out, run.args.model_dir, run.paths["run"])
 
 
 # --------------------------------------------------------------------------- fit
 
-def state(run, epoch):
+def training_state(run, epoch):
+    """The checkpoint of ``run`` after ``epoch`` finished epochs."""
     return checkpoint_state(run.student, run.adapters, run.optimizer, run.scheduler, run.scaler,
                             epoch, run.args, run.best_miou)
 
 
 def train_epoch(run, epoch, stop):
-    """One epoch of training, seeded from the epoch alone; a stop saves and exits here."""
-    args, dist, last = run.args, run.dist, run.paths["last"]
+    """One epoch of training, seeded from the epoch alone; a stop saves and exits here.
+    Returns (mean losses, the epoch's start on the perf_counter clock)."""
+    args, world, last = run.args, run.world, run.paths["last"]
     # reseeding per epoch makes a resumed run draw the same dropout (the crops and flips
     # are seeded per sample: data.EpochSampler)
-    torch.manual_seed(args.seed + epoch + RANK_SEED_STRIDE * dist.rank)  # dropout
+    torch.manual_seed(args.seed + epoch + RANK_SEED_STRIDE * world.rank)  # dropout
     run.loaders["sampler"].set_epoch(epoch)
     run.criterion.set_epoch(epoch)  # progressive distillation: weights from the epoch alone
     partial = run.partial if run.partial is not None and run.partial["epoch"] == epoch else None
-    tic = time.perf_counter() - (partial.get("seconds", 0.0) if partial else 0.0)
-    check = lambda nonfinite: dist.any(nonfinite, stop.requested)  # same decision on every rank
+    started = time.perf_counter() - (partial.get("seconds", 0.0) if partial else 0.0)
     try:
-        losses = train_one_epoch(run.model, run.criterion, run.optimizer, run.loaders["train"],
-                                 run.device, epoch, args, run.scaler, check, partial)
+        losses = train_one_epoch(run.distiller, run.criterion, run.optimizer,
+                                 run.loaders["train"], run.device, epoch,
+                                 amp_dtype(run.device, args.amp), run.scaler, args.log_every,
+                                 args.progress, StepCheck(stop, world), partial)
     except NonFiniteLoss as exc:
         kept = f"the last good checkpoint {last} is untouched" if last.exists() \
             else "no checkpoint was written"
@@ -357,9 +361,9 @@ def train_epoch(run, epoch, stop):
                         f"--amp, so that every term runs in fp32; a lower --tau (now "
                         f"{args.tau:g})") from None
     except Interrupted as exc:
-        record = save_interrupted(exc, state(run, epoch - 1), last, dist,
-                                  time.perf_counter() - tic)
-        exit_interrupted(stop, dist, last,
+        record = save_interrupted(exc, training_state(run, epoch - 1), last, world,
+                                  time.perf_counter() - started)
+        exit_interrupted(stop, world, last,
                          f"epoch {epoch}, step {record['step']}/{len(run.loaders['train'])}",
                          run.rerun)
     except UserError as exc:  # a broken file met mid-run: what was saved stays
@@ -368,22 +372,23 @@ def train_epoch(run, epoch, stop):
         raise UserError(f"{one_line(exc)}; the last checkpoint {last} is intact: fix this, "
                         "then rerun with --resume auto") from None
     run.partial = None
-    return losses, tic
+    return losses, started
 
 
 def validate(run, epoch):
     """Whole-set validation scores, or None in an epoch that --val-every skips."""
     if epoch % run.args.val_every and epoch != run.args.epochs:
         return None
-    if run.dist.enabled:  # DDP let each process update its BatchNorm statistics on its share
-        run.dist.broadcast_buffers(run.student)
+    if run.world.enabled:  # DDP let each process update its BatchNorm statistics on its share
+        run.world.broadcast_buffers(run.student)
     return evaluate(run.student, run.loaders["val"], run.device, warmup=0, desc="val",
-                    progress=run.args.progress, reduce=run.dist.sum)
+                    progress=run.args.progress, reduce=run.world.sum)
 
 
-def validate_and_save(run, epoch, losses, tic):
-    """Validation (when due), the learning-rate step, the history record, the checkpoints."""
-    dist, train_seconds = run.dist, time.perf_counter() - tic
+def validate_and_save(run, epoch, losses, started):
+    """Validation (when due), the learning-rate step, the history record, the checkpoints;
+    ``started``: the epoch's start on the perf_counter clock."""
+    train_seconds = time.perf_counter() - started
     val = validate(run, epoch)
     lr = run.optimizer.param_groups[0]["lr"]
     if not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -392,12 +397,12 @@ def validate_and_save(run, epoch, losses, tic):
         run.scheduler.step(val["miou"])
     improved = val is not None and val["miou"] > run.best_miou
     run.best_miou = max(run.best_miou, val["miou"]) if val is not None else run.best_miou
-    if dist.is_main:
+    if run.world.is_main:
         run.records.append({"epoch": epoch, "lr": lr, **losses,
                             "val_miou": val and val["miou"],
                             "val_pixel_accuracy": val and val["pixel_accuracy"],
                             "train_seconds": train_seconds,
-                            "epoch_seconds": time.perf_counter() - tic,
+                            "epoch_seconds": time.perf_counter() - started,
                             "weights": run.criterion.weights()})
         # history first: a kill before the checkpoint only repeats this epoch
         write_history(run.records, run.paths["history"])
@@ -405,24 +410,24 @@ def validate_and_save(run, epoch, losses, tic):
             save_json({"epoch": epoch, **{k: val[k] for k in VAL_KEYS}},
                       run.paths["run"] / "val_last.json")
         if improved:
-            torch_save(state(run, epoch), run.paths["best"])
-        torch_save(state(run, epoch), run.paths["last"])
+            torch_save(training_state(run, epoch), run.paths["best"])
+        torch_save(training_state(run, epoch), run.paths["last"])
     terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in losses.items())
     scores = (f"val mIoU {100 * val['miou']:.2f} (best {100 * run.best_miou:.2f})"
               if val is not None else "not validated (--val-every)")
     run.log(f"epoch {epoch}/{run.args.epochs}: {terms} | {scores} | lr {lr:.2e} | "
-            f"{time.perf_counter() - tic:.1f}s")
+            f"{time.perf_counter() - started:.1f}s")
 
 
 def fit(run):
     """The epochs left to train; returns the wall time of this session's training."""
-    stop, begin = StopRequest(verbose=run.dist.is_main), time.perf_counter()
+    stop, begin = StopRequest(verbose=run.world.is_main), time.perf_counter()
     with stop:
         for epoch in range(run.start_epoch + 1, run.args.epochs + 1):
-            losses, tic = train_epoch(run, epoch, stop)
-            validate_and_save(run, epoch, losses, tic)
-            if run.dist.any(stop.requested)[0] and epoch < run.args.epochs:
-                exit_interrupted(stop, run.dist, run.paths["last"], f"the end of epoch {epoch}",
+            losses, started = train_epoch(run, epoch, stop)
+            validate_and_save(run, epoch, losses, started)
+            if run.world.any(stop.requested)[0] and epoch < run.args.epochs:
+                exit_interrupted(stop, run.world, run.paths["last"], f"the end of epoch {epoch}",
                                  run.rerun)
     run.stopped_by = stop.signum  # a stop during the last step: the run is complete anyway
     return time.perf_counter() - begin
@@ -439,7 +444,7 @@ def summarise(run, seconds):
                "final_miou": records[-1]["val_miou"] if records else None,
                "params": count_params(run.student),
                "train_seconds_total": sum(r["epoch_seconds"] for r in records),
-               "train_seconds_this_session": seconds, "processes": run.dist.world_size,
+               "train_seconds_this_session": seconds, "processes": run.world.world_size,
                "device": str(run.device), "hardware": device_name(run.device),
                "git": git_revision(), "best_checkpoint": str(run.paths["best"]),
                "last_checkpoint": str(run.paths["last"]), "plots": [str(p) for p in plots],
@@ -451,26 +456,26 @@ def summarise(run, seconds):
     return summary
 
 
-def train(args, dist, rerun=RERUN):
+def train(args, world, rerun=RERUN):
     """build -> restore -> fit -> summarise."""
-    run = start(args, dist)
+    run = start(args, world)
     run.rerun = rerun
     build_loaders(run)
     build_models(run)
     restore(run)
     seconds = fit(run)
-    return summarise(run, seconds) if dist.is_main else None
+    return summarise(run, seconds) if world.is_main else None
 
 
 def main(args, rerun=RERUN):
     """Train; ``rerun`` is what a stop tells the user to run to continue (sweep.py's and
     demo.py's own commands, which resume their runs themselves)."""
     check_args(args)
-    dist = Distributed.from_env(args.device)
+    world = Distributed.from_env(args.device)
     try:
-        return train(args, dist, rerun)
+        return train(args, world, rerun)
     finally:
-        dist.close()
+        world.close()
 
 
 if __name__ == "__main__":

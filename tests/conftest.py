@@ -1,5 +1,4 @@
 """Shared fixtures: small generated VOC-format trees, written once per test session."""
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -72,6 +71,3 @@ def train_flags(root, work, *extra):
             "--output-dir", str(Path(work) / "outputs"), "--plot-dir", str(Path(work) / "plots"),
             *extra]
 
-
-# engine.train_one_epoch's run settings for tests: fp32, no progress bar, no step logs
-QUIET_LOOP = argparse.Namespace(amp=False, progress=False, log_every=0)

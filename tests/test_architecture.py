@@ -13,8 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import architecture  # noqa: E402
 import losses  # noqa: E402
-from student_model import CompactStudentModel  # noqa: E402
+import report  # noqa: E402
 from cli import UserError  # noqa: E402
+from student_model import CompactStudentModel  # noqa: E402
 
 SIZES = [(65, 47), (96, 128)]  # odd and even, non-square: strides round differently
 
@@ -165,20 +166,20 @@ def test_every_term_formula_compiles_and_cites_a_paper(name):
 
 def test_ce_and_total_formulas_compile():
     compile_math(f"{losses.CE_SYMBOL} = {losses.CE_FORMULA}")
-    compile_math(losses.total_formula({name: 0.5 for name in losses.TERMS}))
-    compile_math(losses.total_formula({"kd": 0.5, "at": 1e-5}))
+    compile_math(report.total_formula({name: 0.5 for name in losses.TERMS}))
+    compile_math(report.total_formula({"kd": 0.5, "at": 1e-5}))
     assert {"mobilenetv3", "deeplab_aspp", "hinton"} <= set(architecture.CITATIONS)
 
 
 def test_total_formula_omits_zero_weights():
-    text = losses.total_formula({"kd": 0.5, "feat": 0.0, "at": 2.0})
+    text = report.total_formula({"kd": 0.5, "feat": 0.0, "at": 2.0})
     symbols = {name: term.symbol for name, term in losses.TERMS.items()}
     assert symbols["kd"] in text and symbols["at"] in text and losses.CE_SYMBOL in text
     assert all(symbols[n] not in text for n in ("feat", "pixel", "pair", "cwd"))
     assert "0.5 dot " + losses.CE_SYMBOL in text and "2 dot " + symbols["at"] in text
     # alpha = 1: CE gets weight 0 and drops out; an explicit 'ce' weight is used as given
-    assert losses.CE_SYMBOL not in losses.total_formula({"kd": 1.0})
-    assert losses.total_formula({"ce": 0.25, "kd": 0.0}) == f"cal(L) = 0.25 dot {losses.CE_SYMBOL}"
-    assert "e-" not in losses.total_formula({"at": 1e-5})  # Python's 1e-05 is no typst number
+    assert losses.CE_SYMBOL not in report.total_formula({"kd": 1.0})
+    assert report.total_formula({"ce": 0.25, "kd": 0.0}) == f"cal(L) = 0.25 dot {losses.CE_SYMBOL}"
+    assert "e-" not in report.total_formula({"at": 1e-5})  # Python's 1e-05 is no typst number
     with pytest.raises(KeyError):
-        losses.total_formula({"nonsense": 1.0})
+        report.total_formula({"nonsense": 1.0})

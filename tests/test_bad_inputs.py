@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import split_ids, train_flags, voc_dir
 from PIL import Image
 
 import data
 import evaluate
 import train_kd
-from conftest import split_ids, train_flags, voc_dir
-from nets import build_model
 from cli import run_cli
+from nets import build_model
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import importlib
 import shlex
 
 import pytest
-
 from conftest import REPO
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import compress
-from nets import build_model, model_from_checkpoint
 from cli import UserError
+from nets import build_model, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from conftest import split_ids, voc_dir
 from PIL import Image
 from scipy.io import savemat
 from torch.utils.data import default_collate
@@ -14,10 +15,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 import data
-from conftest import split_ids, voc_dir
-from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset, to_model_input,
-                  train_transforms)
 from cli import UserError
+from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset,
+                  to_model_input, train_transforms)
 
 NEAREST = InterpolationMode.NEAREST
 

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, train_flags
 
 import train_kd
-from conftest import REPO, train_flags
+from cli import UserError
+from compute import Distributed
 from data import eval_loader
 from engine import evaluate
 from nets import model_from_checkpoint
-from cli import UserError
-from compute import Distributed
 
 
 @pytest.mark.slow

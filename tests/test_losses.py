@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losses import (DistillationCriterion, Outputs, add_term_flags,  # noqa: E402
-                    cosine_feature_loss, cross_entropy_loss, hinton_kd_loss)
+from losses import (DistillationCriterion, Outputs,  # noqa: E402
+                    add_term_flags, cosine_feature_loss, cross_entropy_loss,
+                    hinton_kd_loss)
 
 IGNORE = 255
 

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 import checkpoints
-import engine
 import cli
 import compute
+import engine
 import files
-
-
 
 # --------------------------------------------------------------------------- devices
 

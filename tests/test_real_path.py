@@ -28,14 +28,14 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
+from conftest import REPO
+from contract_pdf import reproduce_row, write_contract_pdf
 from PIL import Image
 from scipy.io import savemat
 
-from conftest import REPO
-from contract_pdf import reproduce_row, write_contract_pdf
+import typeset
 from data import synth_sample, write_synth_voc
 from pack import evaluations
-import typeset
 
 SITE = REPO / "tests" / "rehearsal_site"
 TRAIN = ["--epochs", "1", "--limit-train", "4", "--limit-val", "2", "--batch-size", "2",

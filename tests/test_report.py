@@ -181,6 +181,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 
 import report_fixtures  # noqa: E402
+
 import typeset  # noqa: E402
 from losses import TERMS  # noqa: E402
 
@@ -312,6 +313,7 @@ def test_curve_titles_fit_their_figure_and_epochs_are_integers(tmp_path, epochs,
     --val-every 10) matplotlib's own ticks would be 10, 12.5, 15; validated once (the
     demo's 5-epoch teacher) they were 4.74, 4.80, ..., overlapping."""
     import matplotlib.pyplot as plt
+
     import plots
     name = "demo_students_2ef8b4c1_alpha0.5_beta0.5_seed0"
     records = [{"epoch": e, "loss_total": 1.0 / e, "val_miou": 0.5 if e % every == 0 else None}

@@ -2,7 +2,6 @@
 import ast
 
 import pytest
-
 from conftest import REPO
 
 ENTRY_SCRIPTS = sorted(p for p in REPO.glob("*.py") if '__name__ == "__main__"' in p.read_text())

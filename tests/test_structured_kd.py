@@ -8,19 +8,21 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_flags
 from torch import nn
 from torch.utils.data import DataLoader
 
+import cli
 import evaluate
 import train_kd
-from data import build_dataset, to_model_input
-from conftest import QUIET_LOOP, train_flags
-from engine import Distiller, train_one_epoch
-from losses import (DistillationCriterion, Outputs, attention_transfer_loss, cwd_loss,
-                    kd_weight_scale, pairwise_similarity_loss, pixelwise_preact_loss)
-from nets import FrozenTeacher, build_model, feature_taps, model_from_checkpoint
-from student_model import FeatureAdapters
 from cli import UserError
+from data import build_dataset, to_model_input
+from distill import Distiller, FeatureAdapters, FrozenTeacher, feature_taps
+from engine import train_one_epoch
+from losses import (DistillationCriterion, Outputs, attention_transfer_loss,
+                    cwd_loss, kd_weight_scale, pairwise_similarity_loss,
+                    pixelwise_preact_loss)
+from nets import build_model, model_from_checkpoint
 
 # ---------------------------------------------------------------- references (float64, loops)
 
@@ -304,7 +306,7 @@ def _step(student, teacher, criterion, images, targets, adapters=None, steps=1, 
     optimizer = torch.optim.Adam(params, lr=lr)
     model = Distiller(student, criterion, teacher, adapters)
     return train_one_epoch(model, criterion, optimizer, [(images, targets)] * steps,
-                           torch.device("cpu"), epoch, QUIET_LOOP)
+                           torch.device("cpu"), epoch, progress=False)
 
 
 class _Only(DistillationCriterion):
@@ -476,7 +478,7 @@ def test_a_new_term_is_one_function_and_one_row(synth_root, tmp_path, monkeypatc
         return (student.logits - teacher.logits.detach()).abs().mean()
 
     monkeypatch.setitem(losses.TERMS, "toy", losses.Term(
-        l1_logits, frozenset(), losses.Option(("--w-toy",), 0.0, "weight of the toy term")))
+        l1_logits, frozenset(), cli.Option(("--w-toy",), 0.0, "weight of the toy term")))
     parser = train_kd.get_args_parser()
     assert "--w-toy" in parser.format_help()
     with pytest.raises(SystemExit):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from student_model import CompactStudentModel, FeatureAdapters  # noqa: E402
 from cli import UserError  # noqa: E402
+from distill import FeatureAdapters  # noqa: E402
+from student_model import CompactStudentModel  # noqa: E402
 
 # The strides the module docstring claims for each tap.
 CLAIMED = {"low": (24, 8), "mid": (40, 16), "high": (576, 16)}

@@ -3,10 +3,10 @@ import json
 import math
 
 import pytest
+from conftest import train_flags
 
 import sweep
 import train_kd
-from conftest import train_flags
 from cli import REPO_DIR, UserError
 
 

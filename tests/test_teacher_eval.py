@@ -5,15 +5,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import split_ids, voc_dir
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchvision.models.segmentation import fcn_resnet50
 
 import data
 import test_teacher
-from conftest import split_ids, voc_dir
-from nets import load_model
 from cli import UserError, run_cli
+from nets import load_model
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,23 @@ import shutil
 
 import pytest
 import torch
+from conftest import train_flags
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+import compute
+import distill
 import evaluate
 import nets
 import train_kd
-from conftest import QUIET_LOOP, train_flags
-from data import build_dataset, eval_loader, to_model_input, train_transforms
-from engine import evaluate as run_evaluation
-from engine import Distiller, train_one_epoch
-from losses import DistillationCriterion, Outputs
-from nets import FrozenTeacher, build_model, model_from_checkpoint
-from student_model import FeatureAdapters
-import compute
 from cli import UserError
+from data import build_dataset, eval_loader, to_model_input, train_transforms
+from distill import Distiller, FeatureAdapters, FrozenTeacher
+from engine import evaluate as run_evaluation
+from engine import train_one_epoch
+from losses import DistillationCriterion, Outputs
+from nets import build_model, model_from_checkpoint
 
 
 def train_args(root, tmp_path, *extra):
@@ -42,8 +43,8 @@ def test_plain_run_writes_history_checkpoints_plots_and_never_builds_a_teacher(
     def no_teacher(*a, **k):
         raise AssertionError("the teacher must not be built when alpha = beta = 0")
 
-    monkeypatch.setattr(train_kd, "load_model", no_teacher)
-    monkeypatch.setattr(train_kd, "FrozenTeacher", no_teacher)
+    monkeypatch.setattr(distill, "load_model", no_teacher)
+    monkeypatch.setattr(distill, "FrozenTeacher", no_teacher)
     summary = train_kd.main(train_args(synth_root, tmp_path, "--out", "plain"))
     records = [json.loads(x) for x in (tmp_path / "outputs/plain/history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -205,7 +206,7 @@ def test_distillation_alone_makes_the_student_agree_with_the_teacher(synth_root)
     for epoch in range(32):
         batches = [(x, torch.full_like(y, 5)) for x, y in loader]
         train_one_epoch(Distiller(student, criterion, teacher), criterion, optimizer, batches,
-                        torch.device("cpu"), epoch, QUIET_LOOP)
+                        torch.device("cpu"), epoch, progress=False)
         scheduler.step()
     after = _agreement(student, teacher, fixed)
     assert majority < 0.5  # a constant answer cannot pass the bar below
@@ -242,7 +243,7 @@ def test_gradients_reach_student_and_adapters_never_the_teacher(synth_root, smal
                if p.requires_grad and p.dim() > 1)  # every conv and linear weight
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     train_one_epoch(Distiller(student, criterion, teacher, adapters), criterion, optimizer,
-                    [(images, targets)], torch.device("cpu"), 0, QUIET_LOOP)
+                    [(images, targets)], torch.device("cpu"), 0, progress=False)
     for k, v in teacher.state_dict().items():  # BN running statistics included
         assert torch.equal(v, buffers[k]), k
 

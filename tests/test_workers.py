@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, train_flags
 
 import train_kd
-from conftest import REPO, train_flags
 
 pytestmark = pytest.mark.slow
 SITE = REPO / "tests" / "spawn_site"
