@@ -185,7 +185,7 @@ def build_distiller(student, criterion, teacher=None, wrap=None):
 def build_optimizer(name, params, lr, weight_decay, device):
     """AdamW ('adam') or SGD with momentum 0.9, updating all tensors at once: fused kernels on
     CUDA; on a CPU the foreach form, which computes the same bits as the per-tensor loop in
-    less time (fused would change them; docs/benchmark.md has the measurement)."""
+    less time (fused would change them; docs/benchmark.md, "Optimizers")."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)

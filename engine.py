@@ -25,7 +25,8 @@ from metrics import confusion_matrix, nan_to_none, scores_from_confusion
 
 def class_map(logits):
     """Each pixel's class: the argmax over dimension 1. ``max(1).indices`` is the same (the
-    first maximum on ties), and 4x faster than ``argmax(1)`` on NCHW logits on a CPU."""
+    first maximum on ties) and much faster than ``argmax(1)`` on NCHW logits on a CPU
+    (docs/benchmark.md, "Evaluation")."""
     return logits.max(1).indices
 
 
@@ -196,7 +197,8 @@ class LossSums:
                                                          device=self.values.device)
         elif names != self.names:
             raise ValueError(f"loss terms {names} differ from the epoch's {self.names}")
-        self.values += torch.stack([v.detach().float() for v in (*terms.values(), total)])
+        with torch.no_grad():  # no autograd records: one stack, one add
+            self.values += torch.stack((*terms.values(), total))
         self.batches += 1
 
     def read(self):

@@ -286,3 +286,37 @@ def test_evaluate_refuses_a_bare_state_dict(tmp_path):
     torch.save(build_model("lite").state_dict(), path)
     with pytest.raises(UserError, match="does not say which model"):
         evaluate.main(evaluate.get_args_parser().parse_args(["--model_path", str(path)]))
+
+
+def test_loss_sums_on_the_device_log_the_means_of_python_float_sums():
+    """The loop keeps its sums on the device; the logged means must be those of adding each
+    step's float32 values as Python floats (double precision), as the history always had."""
+    from engine import LossSums
+
+    torch.manual_seed(0)
+    steps = [{"ce": torch.rand(()) * 3, "kd": torch.rand(()) * 1e4} for _ in range(50)]
+    sums = LossSums(torch.device("cpu"))
+    expected = {"ce": 0.0, "kd": 0.0, "total": 0.0}
+    for terms in steps:
+        total = 0.5 * terms["ce"] + 0.5 * terms["kd"]
+        sums.add(terms, total)
+        for name, value in [*terms.items(), ("total", total)]:
+            expected[name] += float(value)
+    assert sums.means() == {f"loss_{k}": v / len(steps) for k, v in expected.items()}
+    # a partial epoch continues from the checkpoint's Python floats
+    resumed = LossSums(torch.device("cpu"), sums.read(), sums.batches)
+    assert resumed.means() == sums.means()
+
+
+def test_step_check_catches_a_non_finite_loss_and_reads_the_stop_request():
+    from engine import StepCheck
+
+    class Stop:
+        signum = None
+
+    stop = Stop()
+    check = StepCheck(stop)
+    assert check(torch.tensor(1.0)) == (False, False)
+    assert check(torch.tensor(float("nan")))[0] and check(torch.tensor(float("inf")))[0]
+    stop.signum = 15
+    assert check(torch.tensor(1.0)) == (False, True)
