@@ -11,7 +11,7 @@ the student's labels cannot. The demo mirrors that: the teacher learns from a ge
 the small set alone, with and without the teacher. A teacher trained on the students' own
 images would know little that their labels do not already teach.
 
-1. writes the data (data.write_synth_voc) under ROOT/<its settings>/: students/ holds the
+1. writes the data (synth.write_synth_voc) under ROOT/<its settings>/: students/ holds the
    labelled `train` split, the reported `val` split, and `select`, the split on which
    anything is chosen (sweeps, the demo's settings, the curves); pretrain/ the teacher's set;
 2. trains the teacher (train_kd.py), or reuses it when its checkpoint exists for the same
@@ -37,8 +37,8 @@ from pathlib import Path
 import evaluate
 import sweep
 import train_kd
-from data import write_synth_voc
 from plots import comparison_chart
+from synth import write_synth_voc
 from utils import (HelpFormatter, UserError, add_compute_flags, device_name, markdown_table,
                    resolve_device, run_cli, save_json, set_compute_resources)
 

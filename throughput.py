@@ -19,7 +19,7 @@
   process, with the thread count every script chooses at start, and beside it at torch's
   default count (before the choice existed).
 
-Random weights: speed does not depend on them. The data is generated (data.write_synth_voc).
+Random weights: speed does not depend on them. The data is generated (synth.write_synth_voc).
 """
 import argparse
 import contextlib
@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from checkpoints import checkpoint_state, write_history
-from data import EpochSampler, build_dataset, eval_loader, loader, to_model_input, write_synth_voc
+from data import EpochSampler, build_dataset, eval_loader, loader, to_model_input
 from engine import Distiller, build_optimizer, evaluate, logits_of, train_one_epoch
 from losses import DistillationCriterion, cross_entropy_loss
 from nets import FrozenTeacher, build_model
 from student_model import FeatureAdapters
+from synth import write_synth_voc
 from utils import TORCH_DEFAULT_THREADS, set_compute_resources, torch_save
 
 SIZES = {"voc": {"size": 440, "crop": 480, "scale": (0.5, 2.0), "train": 48, "val": 16},

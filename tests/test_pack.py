@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO
 from contract_pdf import reproduce_row, write_contract_pdf
-from data import write_synth_voc
+from synth import write_synth_voc
 
 import pack
 

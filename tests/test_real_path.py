@@ -33,8 +33,8 @@ from scipy.io import savemat
 
 from conftest import REPO
 from contract_pdf import reproduce_row, write_contract_pdf
-from data import synth_sample, write_synth_voc
 from pack import evaluations
+from synth import synth_sample, write_synth_voc
 import typeset
 
 SITE = REPO / "tests" / "rehearsal_site"

@@ -16,7 +16,7 @@ import torch
 import losses
 import train_kd
 from conftest import REPO, train_flags
-from data import write_synth_voc
+from synth import write_synth_voc
 from utils import run_cli
 
 STEPS = 8  # training steps per epoch: 16 images, batch 2
