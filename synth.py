@@ -142,17 +142,18 @@ def write_synth_voc(root, n_train=200, n_val=50, size=128, seed=0, max_objects=3
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # the tree: where it goes and how many images each split holds
     parser.add_argument("--root", required=True, help="directory that receives VOCdevkit/VOC2012")
     parser.add_argument("--train", type=int, default=200, help="number of training images")
     parser.add_argument("--val", type=int, default=50, help="number of validation images")
     parser.add_argument("--select", type=int, default=0,
                         help="images of a third split, 'select', for choosing settings away from val")
-    parser.add_argument("--size", type=int, default=128,
-                        help="typical side in pixels (sides vary 0.75-1.25x)")
+    # the images
+    parser.add_argument("--size", type=int, default=128, help="typical side in px (sides vary 0.75-1.25x)")
     parser.add_argument("--max-objects", type=int, default=3, help="most objects per image")
     parser.add_argument("--classes", type=int, default=NUM_CLASSES - 1,
-                        help="object classes used, labels 1..N (fewer make a task that trains in "
-                        "minutes)")
+                        help="object classes used, labels 1..N (fewer make a task that trains "
+                        "in minutes)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed writes the same tree")
     return parser
