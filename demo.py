@@ -11,7 +11,7 @@ the student's labels cannot. The demo mirrors that: the teacher learns from a ge
 the small set alone, with and without the teacher. A teacher trained on the students' own
 images would know little that their labels do not already teach.
 
-1. writes the data (data.write_synth_voc) under ROOT/<its settings>/: students/ holds the
+1. writes the data (synth.write_synth_voc) under ROOT/<its settings>/: students/ holds the
    labelled `train` split, the reported `val` split, and `select`, the split on which
    anything is chosen (sweeps, the demo's settings, the curves); pretrain/ the teacher's set;
 2. trains the teacher (train_kd.py), or reuses it when its checkpoint exists for the same
@@ -40,9 +40,9 @@ import train_kd
 from cli import HelpFormatter, UserError, markdown_table, run_cli
 from compute import (add_compute_flags, device_name, resolve_device,
                      set_compute_resources)
-from data import write_synth_voc
 from files import save_json
 from plots import comparison_chart
+from synth import write_synth_voc
 
 METHODS = {(False, False): "no_kd", (True, False): "response_kd", (False, True): "feature_kd",
            (True, True): "combined_kd"}  # (response on, feature on) -> name

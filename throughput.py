@@ -19,7 +19,7 @@
   process, with the thread count every script chooses at start, and beside it at torch's
   default count (before the choice existed).
 
-Random weights: speed does not depend on them. The data is generated (data.write_synth_voc).
+Random weights: speed does not depend on them. The data is generated (synth.write_synth_voc).
 """
 import argparse
 import contextlib
@@ -35,12 +35,13 @@ import torch
 from checkpoints import checkpoint_state, write_history
 from compute import TORCH_DEFAULT_THREADS, set_compute_resources
 from data import (EpochSampler, build_dataset, eval_loader, loader,
-                  to_model_input, write_synth_voc)
+                  to_model_input)
 from distill import FrozenTeacher, build_distiller, build_optimizer, logits_of
 from engine import evaluate, train_one_epoch
 from files import torch_save
 from losses import DistillationCriterion, cross_entropy_loss
 from nets import build_model
+from synth import write_synth_voc
 
 SIZES = {"voc": {"size": 440, "crop": 480, "scale": (0.5, 2.0), "train": 48, "val": 16},
          "demo": {"size": 96, "crop": 96, "scale": (0.75, 1.5), "train": 160, "val": 150,

@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data import write_synth_voc  # noqa: E402
+from synth import write_synth_voc  # noqa: E402
 
 
 @pytest.fixture(scope="session")

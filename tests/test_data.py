@@ -1,20 +1,25 @@
 """The VOC pipeline: generated trees, joint transforms, the ignore label, bad input."""
+import shlex
 import shutil as data_shutil
 import subprocess
+import sys
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
-from conftest import split_ids, voc_dir
+from conftest import REPO, split_ids, voc_dir
 from PIL import Image
 from scipy.io import savemat
 from torch.utils.data import default_collate
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import functional as TF
 
+import augment
 import data
+import synth
+import voc
 from cli import UserError
 from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_dataset,
                   to_model_input, train_transforms)
@@ -44,7 +49,7 @@ def test_generated_tree_reads_through_torchvision_voc(synth_root):
 
 
 def test_generated_tree_has_void_borders_varied_sizes_and_empty_images(tmp_path):
-    data.write_synth_voc(tmp_path, n_train=40, n_val=0, size=64, seed=3)
+    synth.write_synth_voc(tmp_path, n_train=40, n_val=0, size=64, seed=3)
     voc = datasets.VOCSegmentation(str(tmp_path), year="2012", image_set="train")
     masks = [np.array(voc[i][1]) for i in range(len(voc))]
     sizes = {m.shape for m in masks}
@@ -56,8 +61,8 @@ def test_generated_tree_has_void_borders_varied_sizes_and_empty_images(tmp_path)
 
 def test_generator_is_deterministic_and_colour_does_not_give_the_class(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    data.write_synth_voc(a, 5, 0, 48, seed=7)
-    data.write_synth_voc(b, 5, 0, 48, seed=7)
+    synth.write_synth_voc(a, 5, 0, 48, seed=7)
+    synth.write_synth_voc(b, 5, 0, 48, seed=7)
     for name in split_ids(a, "train"):
         assert (voc_dir(a) / "JPEGImages" / f"{name}.jpg").read_bytes() == \
                (voc_dir(b) / "JPEGImages" / f"{name}.jpg").read_bytes()
@@ -65,11 +70,32 @@ def test_generator_is_deterministic_and_colour_does_not_give_the_class(tmp_path)
     rng = np.random.default_rng(0)
     means = []
     while len(means) < 3:
-        image, label = data.synth_sample(rng, 64, 64, max_objects=1)
+        image, label = synth.synth_sample(rng, 64, 64, max_objects=1)
         inside = label == 4
         if inside.sum() > 50:
             means.append(image[inside].mean(0))
     assert np.ptp(np.stack(means), axis=0).max() > 40
+
+
+def test_old_generator_command_names_its_replacement_which_writes_the_same_tree(tmp_path):
+    """`python data.py synth FLAGS` says in one line what replaced it and fails; the command
+    it names, run as printed, writes what ``write_synth_voc`` writes for those flags."""
+    flags = ["--root", str(tmp_path / "cli"), "--train", "3", "--val", "2", "--select", "1",
+             "--size", "40", "--classes", "4", "--seed", "9"]
+    old = subprocess.run([sys.executable, "data.py", "synth", *flags], cwd=REPO,
+                         capture_output=True, text=True)
+    assert old.returncode != 0 and old.stdout == ""
+    assert old.stderr.count("\n") == 1 and "synth.py" in old.stderr
+    assert not (tmp_path / "cli").exists()
+    command = shlex.split(old.stderr.split("`")[1])
+    assert command == ["python", "synth.py", *flags]
+    subprocess.run([sys.executable, *command[1:]], cwd=REPO, check=True, capture_output=True)
+    synth.write_synth_voc(tmp_path / "api", 3, 2, 40, seed=9, num_object_classes=4, n_select=1)
+    for split in ("train", "val", "select"):
+        for name in split_ids(tmp_path / "api", split):
+            for sub, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+                assert (voc_dir(tmp_path / "cli") / sub / f"{name}.{ext}").read_bytes() == \
+                       (voc_dir(tmp_path / "api") / sub / f"{name}.{ext}").read_bytes()
 
 
 # --------------------------------------------------------------------------- transforms
@@ -215,8 +241,8 @@ def _torchvision_train_transforms(crop_size, scale, hflip):
     def random_scale(image, mask):
         s = scale[0] + (scale[1] - scale[0]) * torch.rand(()).item()
         size = [max(1, round(n * s)) for n in image.shape[-2:]]
-        return (F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True),
-                F.resize(mask, size, interpolation=NEAREST))
+        return (TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                TF.resize(mask, size, interpolation=NEAREST))
     steps = [random_scale, v2.RandomCrop(crop_size, pad_if_needed=True,
                                          fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] * hflip)
@@ -247,18 +273,18 @@ def test_train_transforms_equal_torchvision_v2_bit_for_bit():
 
 def test_nearest_sources_pick_the_pixels_torchvision_picks_for_any_size():
     """ScaleCropFlip gathers the mask through nearest_sources; it must pick the very pixels
-    that F.resize(NEAREST) picks, or image and mask would drift apart by a pixel."""
+    that TF.resize(NEAREST) picks, or image and mask would drift apart by a pixel."""
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         h, w, out_h, out_w = (int(v) for v in torch.randint(1, 700, (4,), generator=g))
         mask = torch.randint(0, 256, (h, w), dtype=torch.uint8, generator=g)
-        expected = F.resize(tv_tensors.Mask(mask), [out_h, out_w], interpolation=NEAREST)
-        gathered = mask[data.nearest_sources(h, out_h)][:, data.nearest_sources(w, out_w)]
+        expected = TF.resize(tv_tensors.Mask(mask), [out_h, out_w], interpolation=NEAREST)
+        gathered = mask[augment.nearest_sources(h, out_h)][:, augment.nearest_sources(w, out_w)]
         assert torch.equal(gathered, expected), (h, w, out_h, out_w)
     for h, out_h in ((440, 880), (441, 441), (500, 250), (333, 1000)):  # torch's special cases
         mask = torch.randint(0, 256, (h, 7), dtype=torch.uint8, generator=g)
-        expected = F.resize(tv_tensors.Mask(mask), [out_h, 7], interpolation=NEAREST)
-        assert torch.equal(mask[data.nearest_sources(h, out_h)], expected)
+        expected = TF.resize(tv_tensors.Mask(mask), [out_h, 7], interpolation=NEAREST)
+        assert torch.equal(mask[augment.nearest_sources(h, out_h)], expected)
 
 
 def test_rgb_mask_is_refused(synth_copy):
@@ -293,7 +319,7 @@ def test_failed_download_explains_the_manual_path(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data.datasets, "VOCSegmentation", offline)
+    monkeypatch.setattr(voc.datasets, "VOCSegmentation", offline)
     with pytest.raises(UserError) as err:
         build_dataset(tmp_path / "nothing", "val", download=True)
     message = str(err.value)
@@ -343,8 +369,8 @@ def test_voc_one_folder_too_deep_names_the_exact_move(synth_root, tmp_path):
     message = str(err.value)
     assert "\n" not in message and "one folder too deep" in message
     command = message.split("`")[1]
-    assert command == data.move_command(nested, root / "VOCdevkit")
-    if data.os.name != "nt":  # the command, run as printed, puts VOC where it is read
+    assert command == voc.move_command(nested, root / "VOCdevkit")
+    if voc.os.name != "nt":  # the command, run as printed, puts VOC where it is read
         subprocess.run(command, shell=True, check=True)
         assert len(build_dataset(root, "val", download=False)) == len(split_ids(synth_root, "val"))
 

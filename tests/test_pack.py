@@ -21,7 +21,7 @@ from conftest import REPO
 from contract_pdf import reproduce_row, write_contract_pdf
 
 import pack
-from data import write_synth_voc
+from synth import write_synth_voc
 
 EVAL_LINE = ("python evaluate.py --model_path models/a_last.pth --data-root ./data --device cpu "
              "--threads 1 --workers 0 --json outputs/a_eval.json --visualize --num_images 2")

@@ -34,8 +34,8 @@ from PIL import Image
 from scipy.io import savemat
 
 import typeset
-from data import synth_sample, write_synth_voc
 from pack import evaluations
+from synth import synth_sample, write_synth_voc
 
 SITE = REPO / "tests" / "rehearsal_site"
 TRAIN = ["--epochs", "1", "--limit-train", "4", "--limit-val", "2", "--batch-size", "2",

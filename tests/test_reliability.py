@@ -17,7 +17,7 @@ from conftest import REPO, train_flags
 import losses
 import train_kd
 from cli import run_cli
-from data import write_synth_voc
+from synth import write_synth_voc
 
 STEPS = 8  # training steps per epoch: 16 images, batch 2
 # POSIX signals: Windows has no SIGKILL, and a SIGINT sent to pytest's own process there would

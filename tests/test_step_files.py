@@ -8,8 +8,8 @@ following that step opens exactly those files.
 import sys
 
 import torch
-
 from conftest import REPO
+
 from data import EpochSampler, build_dataset, loader
 from distill import build_distiller, build_optimizer, build_teacher
 from engine import train_one_epoch

@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from torchvision.models.segmentation import fcn_resnet50
 
 import data
+import synth
 import test_teacher
 from cli import UserError, run_cli
 from nets import load_model
@@ -20,7 +21,7 @@ from nets import load_model
 def odd_tree(tmp_path_factory):
     """Odd sizes, portrait and landscape, a grayscale JPEG, an image with no object."""
     root = tmp_path_factory.mktemp("odd")
-    data.write_synth_voc(root, n_train=2, n_val=5, size=72, seed=11)
+    synth.write_synth_voc(root, n_train=2, n_val=5, size=72, seed=11)
     ids = split_ids(root, "val")
     jpg = voc_dir(root) / "JPEGImages"
     Image.open(jpg / f"{ids[0]}.jpg").convert("L").save(jpg / f"{ids[0]}.jpg")
