@@ -30,7 +30,7 @@ def get_args_parser():
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
     parser.add_argument("--split", default="val",
                         help="the split scored: VOC's val, or a split file of one's own "
-                             "(ImageSets/Segmentation/NAME.txt) (default: %(default)s)")
+                             "(ImageSets/Segmentation/NAME.txt)")
     add_compute_flags(parser)
     parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
     parser.add_argument("--json", default=None,
