@@ -1,9 +1,7 @@
 """Train the compact student on PASCAL VOC 2012, with or without knowledge distillation.
 
-    L = (1 - alpha) * CE(y, z_s) + alpha * tau^2 * KL(softmax(z_t/tau) || softmax(z_s/tau))
-        + beta * mean over taps of (1 - cos(A(f_s), f_t))
-
-        + w_pixel * L_pi + w_pair * L_pa + w_at * AT + w_cwd * CWD     (docs/losses.md)
+The loss: cross-entropy plus the weighted distillation terms, its formula in losses.py's
+module docstring; each term is explained in docs/losses.md.
 
 alpha = beta = 0 (and no --w-*) is plain training (the teacher is never built); alpha > 0
 response KD; beta > 0 feature KD; both: combined. The distillation flags come from the one
