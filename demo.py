@@ -187,8 +187,8 @@ def score(args, checkpoint, data_root, json_path, visualize=False):
         if result.get("checkpoint") == str(checkpoint):
             return result
     argv = ["--model_path", str(checkpoint), "--data-root", str(data_root), "--split", "val",
-            *compute_argv(args), "--no-download", "--output-dir", args.output_dir,
-            "--json", str(json_path)] + (["--visualize", "--num_images", "4"] if visualize else [])
+            *compute_argv(args), *display_argv(args), "--no-download", "--output-dir",
+            args.output_dir, "--json", str(json_path)] + (["--visualize", "--num_images", "4"] if visualize else [])
     print(f"\n$ python evaluate.py {shlex.join(argv)}")
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
