@@ -51,7 +51,8 @@ def planned_runs(work, monkeypatch, *flags):
     args = demo.get_args_parser().parse_args(TINY + ["--output-dir", str(work / "outputs"),
                                                      "--model-dir", str(work / "models"), *flags])
     trees = {"students": work / "data" / "students"}
-    runs = demo.train_students(args, trees, {"data": "settings"}, work / "teacher_last.pth")["runs"]
+    teacher = work / "teacher_last.pth"
+    runs = demo.train_students(args, trees, {"data": "settings"}, teacher)["runs"]
     planned = {}
     for run in runs:
         planned.setdefault(demo.method_of(run["setting"]), []).append((run["name"], run["argv"]))
@@ -68,8 +69,10 @@ def test_the_no_kd_runs_are_shared_by_every_alpha_and_beta(tmp_path, monkeypatch
         assert not {n for n, _ in a[method]} & {n for n, _ in b[method]}, method
     only_alpha = planned_runs(tmp_path, monkeypatch, "--alpha", "0.9", "--beta", "0.5")
     assert only_alpha["feature_kd"] == a["feature_kd"]  # beta alone shapes feature KD
-    other_tau = planned_runs(tmp_path, monkeypatch, "--alpha", "0.5", "--beta", "0.5", "--tau", "2")
-    assert not {n for n, _ in a["no_kd"]} & {n for n, _ in other_tau["no_kd"]}  # see the docstring
+    # --tau names every run of the one sweep, no KD's too (demo.students_sweep_name says why)
+    other_tau = planned_runs(tmp_path, monkeypatch, "--alpha", "0.5", "--beta", "0.5",
+                             "--tau", "2")
+    assert not {n for n, _ in a["no_kd"]} & {n for n, _ in other_tau["no_kd"]}
 
 
 def test_a_students_sweep_named_before_alpha_and_beta_left_its_key_is_still_found(tmp_path):
