@@ -22,15 +22,21 @@ import torch
 
 from cli import UserError
 from files import atomic_write, torch_save
-from losses import term_options
 
-# flags that shape the training itself: resuming with other values gives another run (the
-# distillation terms' weights and parameters come from their table, losses.TERMS)
-TRAINING_FLAGS = ("student", "pretrained_backbone", *(opt.dest for opt in term_options()),
-                  "kd_schedule", "kd_warmup_epochs", "kd_step_epoch", "teacher",
-                  "teacher_weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
-                  "scheduler", "crop_size", "scale_range", "train_set", "limit_train", "seed",
-                  "amp")
+# train_kd.py's flags that leave what a run trains alone: where files go, how the run is
+# shown, what computes it and with which kernels (CPU bits depend on the thread count, but a
+# resume reuses the run's own), and what validation scores. Every other flag shapes the
+# training: that list is derived (training_flags), so a new flag is compared on resume
+# without being listed, and resuming with another value of it gives another run.
+NOT_TRAINING = frozenset({"out", "resume", "overwrite", "model_dir", "output_dir", "plot_dir",
+                          "data_root", "sbd_root", "no_download", "progress", "log_every",
+                          "device", "workers", "threads", "deterministic", "sync_bn",
+                          "val_every", "val_split", "limit_val"})
+
+
+def training_flags(args):
+    """The dests of train_kd.py's ``args`` that shape the training: all but NOT_TRAINING."""
+    return [dest for dest in vars(args) if dest not in NOT_TRAINING]
 
 
 class Interrupted(Exception):
@@ -131,7 +137,7 @@ def check_resume_fits(ckpt, path, student, args, log):
     as_json = lambda v: json.dumps(list(v) if isinstance(v, tuple) else v)
     old, new = ckpt.get("args") or {}, vars(args)
     differ = [f"--{k.replace('_', '-')} {as_json(old[k])} -> {as_json(new[k])}"
-              for k in TRAINING_FLAGS if k in old and as_json(old[k]) != as_json(new[k])]
+              for k in training_flags(args) if k in old and as_json(old[k]) != as_json(new[k])]
     if differ:
         log(f"warning: resuming with flags that differ from the checkpoint's run: "
             f"{'; '.join(differ)}")

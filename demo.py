@@ -25,7 +25,9 @@ images would know little that their labels do not already teach.
    t interval and verdict ("helps" only when all of the interval lies above 0).
 
 Stopped (Ctrl-C), the same command continues: finished runs are skipped and the interrupted
-one resumes where it stopped. Results: outputs/PREFIX_results.json, plots/PREFIX_comparison.png.
+one resumes where it stopped. A run is named by the flags that change its training, so the
+no-KD runs are shared by every --alpha and --beta (students_sweep_name). Results:
+outputs/PREFIX_results.json, plots/PREFIX_comparison.png.
 """
 import argparse
 import hashlib
@@ -97,7 +99,7 @@ def get_args_parser():
     return parser
 
 
-def key(*parts):
+def settings_hash(*parts):
     """A short name for settings: runs with other settings never take each other's files."""
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
 
@@ -106,7 +108,8 @@ def make_data(args):
     """{'students': root, 'pretrain': root}, generated unless already there."""
     settings = {k: getattr(args, k) for k in ("train", "val", "select", "pretrain", "size",
                                               "classes", "data_seed")}
-    folder = Path(args.root) / f"seed{args.data_seed}_classes{args.classes}_{key(settings)}"
+    name = f"seed{args.data_seed}_classes{args.classes}_{settings_hash(settings)}"
+    folder = Path(args.root) / name
     trees = {"students": folder / "students", "pretrain": folder / "pretrain"}
     recipes = {"students": (args.train, args.val, args.data_seed, args.select),
                "pretrain": (args.pretrain, 50, args.data_seed + PRETRAIN_SEED_OFFSET, 0)}
@@ -153,7 +156,7 @@ def train_teacher(args, trees, settings):
     argv = common_argv(args) + ["--data-root", str(trees["pretrain"]), "--student", args.teacher,
                                 "--epochs", str(args.teacher_epochs), "--val-every",
                                 str(args.val_every), "--seed", "0"]
-    name = f"{args.prefix}_teacher_{key(settings, argv)}"
+    name = f"{args.prefix}_teacher_{settings_hash(settings, argv)}"
     argv = compute_argv(args) + display_argv(args) + argv
     last = Path(args.model_dir) / f"{name}_last.pth"
     if (Path(args.output_dir) / name / "summary.json").is_file() and last.is_file():
@@ -167,30 +170,45 @@ def train_teacher(args, trees, settings):
     return last
 
 
+def students_sweep_name(args, settings, teacher, shared, axes):
+    """The students' sweep name, keyed by the flags its runs share (``shared``), not by the
+    --alpha and --beta ``axes``: sweep.py names each run NAME_alpha<A>_beta<B>_seed<S>, so a
+    run is keyed by its own alpha and beta, and the no-KD runs (alpha0_beta0) are the same
+    runs, trained once, for every --alpha and --beta (the feature-KD ones for every --alpha).
+    --tau and the teacher stay in the key although no-KD ignores them: a sweep gives every run
+    the same fixed flags, and sweep.py reuses a run only with the flags it was made with.
+    A sweep named before, when the axes were in the key, is still used when it is there."""
+    name = f"{args.prefix}_students_{settings_hash(settings, str(teacher), shared)}"
+    before = f"{args.prefix}_students_{settings_hash(settings, str(teacher), shared + axes)}"
+    folder = Path(args.output_dir) / "sweep"
+    return before if (folder / before).is_dir() and not (folder / name).is_dir() else name
+
+
 def train_students(args, trees, settings, teacher):
     """sweep.py over the four methods and the seeds; returns sweep.json's content."""
-    argv = common_argv(args) + [
+    shared = common_argv(args) + [
         "--data-root", str(trees["students"]), "--val-split", "select", "--student", "lite",
         "--teacher", args.teacher, "--teacher-weights", str(teacher), "--epochs", str(args.epochs),
-        "--tau", str(args.tau), "--val-every", str(args.val_every),
-        "--alpha", "0", str(args.alpha), "--beta", "0", str(args.beta)]
-    name = f"{args.prefix}_students_{key(settings, str(teacher), argv)}"
+        "--tau", str(args.tau), "--val-every", str(args.val_every)]
+    axes = ["--alpha", "0", str(args.alpha), "--beta", "0", str(args.beta)]
+    name = students_sweep_name(args, settings, teacher, shared, axes)
     argv = (["--name", name, "--seeds", *map(str, args.seeds), "--jobs", str(args.jobs)]
             + compute_argv(args, threads=max(1, args.threads // args.jobs))  # a share per job
-            + display_argv(args) + argv)
+            + display_argv(args) + shared + axes)
     print(f"\n$ python sweep.py {shlex.join(argv)}")
     return sweep.main(sweep.get_args_parser().parse_args(argv), rerun=rerun_hint())
 
 
-def score(args, checkpoint, data_root, json_path, visualize=False):
+def evaluate_on_val(args, checkpoint, data_root, json_path, visualize=False):
     """evaluate.py on the reported split ('val'), or its saved result when there is one."""
     if Path(json_path).is_file():
         result = json.loads(Path(json_path).read_text())
         if result.get("checkpoint") == str(checkpoint):
             return result
     argv = ["--model_path", str(checkpoint), "--data-root", str(data_root), "--split", "val",
-            *compute_argv(args), "--no-download", "--output-dir", args.output_dir,
-            "--json", str(json_path)] + (["--visualize", "--num_images", "4"] if visualize else [])
+            *compute_argv(args), *display_argv(args), "--no-download", "--output-dir",
+            args.output_dir, "--json", str(json_path)]
+    argv += ["--visualize", "--num_images", "4"] if visualize else []
     print(f"\n$ python evaluate.py {shlex.join(argv)}")
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
@@ -200,7 +218,7 @@ def teacher_row(args, trees, teacher):
     run = teacher.stem[: -len("_last")]
     path = Path(args.output_dir) / args.prefix / f"{teacher.stem}_eval.json"
     summary = json.loads((Path(args.output_dir) / run / "summary.json").read_text())
-    return {**score(args, teacher, trees["students"], path, visualize=True), "run": run,
+    return {**evaluate_on_val(args, teacher, trees["students"], path, visualize=True), "run": run,
             "evaluation": str(path), "train_seconds": summary["train_seconds_total"]}
 
 
@@ -215,8 +233,9 @@ def score_students(args, trees, students):
     for run in sorted(students["runs"], key=lambda r: r["seed"]):
         method = method_of(run["setting"])
         first = run["seed"] == args.seeds[0]
-        result = score(args, run["checkpoint"], trees["students"],
-                       folder / f"{run['name']}_eval.json", visualize=first and method == "combined_kd")
+        result = evaluate_on_val(args, run["checkpoint"], trees["students"],
+                                 folder / f"{run['name']}_eval.json",
+                                 visualize=first and method == "combined_kd")
         scored.setdefault(method, []).append({
             **result, "seed": run["seed"], "train_seconds": run["train_seconds"], "run": run["name"],
             "evaluation": str(folder / f"{run['name']}_eval.json")})
@@ -288,11 +307,11 @@ def run_lab(args):
     """Data, teacher, students, then the scores on 'val'; returns (rows, expected method,
     its gains on 'select', the teacher's checkpoint, the sweep's name, data settings, the
     wall seconds of each phase, so that a rerun's cost can be read off)."""
-    phases, tic = {}, time.perf_counter()
+    phases, phase_start = {}, time.perf_counter()
 
     def phase(name):
-        nonlocal tic
-        phases[name], tic = time.perf_counter() - tic, time.perf_counter()
+        nonlocal phase_start
+        phases[name], phase_start = time.perf_counter() - phase_start, time.perf_counter()
 
     trees, settings = make_data(args)
     phase("data")

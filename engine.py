@@ -135,10 +135,11 @@ def format_results(results, title):
 
 
 def evaluate_and_report(model, loader, device, title, params, json_path=None, extra=None,
-                        amp=False, per_image=False):
+                        amp=False, per_image=False, progress=True):
     """``evaluate`` plus what every evaluating script reports: print, and save the JSON."""
     model.to(device)
-    results = evaluate(model, loader, device, amp=amp, desc=title, per_image=per_image)
+    results = evaluate(model, loader, device, amp=amp, desc=title, per_image=per_image,
+                       progress=progress)
     results.update(params=params, device=str(device), hardware=device_name(device),
                    git=git_revision(), **(extra or {}))
     print(format_results(results, title))

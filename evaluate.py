@@ -33,7 +33,7 @@ def get_args_parser():
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
     parser.add_argument("--split", default="val",
                         help="the split scored: VOC's val, or a split file of one's own "
-                             "(ImageSets/Segmentation/NAME.txt) (default: %(default)s)")
+                             "(ImageSets/Segmentation/NAME.txt)")
     add_compute_flags(parser)
     parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
     parser.add_argument("--json", default=None,
@@ -43,6 +43,8 @@ def get_args_parser():
     parser.add_argument("--num_images", "--num-images", type=int, default=6, dest="num_images",
                         help="overlays to write: the best and the worst images by per-image mIoU")
     parser.add_argument("--output-dir", default="outputs", help="where the JSON and overlays go")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (for log files)")
     return parser
 
 
@@ -98,7 +100,8 @@ def main(args):
              "amp": args.amp, "threads": args.threads, "workers": args.workers}
     # per-image scores only to pick the overlays: they cost a matrix and its scores per image
     results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
-                                  None, extra, amp=args.amp, per_image=args.visualize)
+                                  None, extra, amp=args.amp, per_image=args.visualize,
+                                  progress=args.progress)
     if args.visualize:
         out_dir = Path(args.output_dir) / f"{stem}_overlays"
         results["overlays"] = write_overlays(model, loader.dataset, device, results,

@@ -20,9 +20,10 @@ from data import IGNORE_INDEX
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction,
     for a whole batch, on the tensors' device: one bincount of ``target * C + pred``, the
-    computation of torchmetrics' ``multiclass_confusion_matrix`` (the tests' reference), 5x
-    faster here: ignored pixels go to an extra bin rather than being cut out with a mask, and
-    the indices are int32. Labels are not checked: the loader has (data.load_mask)."""
+    computation of torchmetrics' ``multiclass_confusion_matrix`` (the tests' reference), made
+    faster (measured in docs/benchmark.md, "Evaluation"): ignored pixels go to an extra bin
+    rather than being cut out with a mask, and the indices are int32. Labels are not checked:
+    the loader has (data.load_mask)."""
     n = num_classes
     index = torch.where(target == ignore_index, n * n,
                         target.to(torch.int32) * n + pred.to(torch.int32)).flatten()

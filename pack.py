@@ -70,7 +70,7 @@ def get_args_parser():
     parser.add_argument("--max-mb", type=ranged(float, 0, open_low=True), default=500.0,
                         help="refuse a zip larger than this many MB: an upload limit a course "
                              "site will take; the lab's zip (code, five ~5-15 MB "
-                             "checkpoints, plots, PDF) is far below it (default: %(default)s)")
+                             "checkpoints, plots, PDF) is far below it")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing zip of the same name")
     # checking
@@ -87,8 +87,7 @@ def get_args_parser():
                              "45 min on a CPU for VOC val); the sheet says so")
     parser.add_argument("--tolerance", type=ranged(float, 0), default=0.1,
                         help="allowed |rerun - claimed| mIoU, in points (docs/submission.md: "
-                             "same device, same predictions; GPU vs CPU flips few pixels) "
-                             "(default: %(default)s)")
+                             "same device, same predictions; GPU vs CPU flips few pixels)")
     parser.add_argument("--json", default="pack_check.json", help="where the check's results go")
     parser.add_argument("--sheet", default=None,
                         help="grading sheet CSV, one row per zip (default: none)")

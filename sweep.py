@@ -119,7 +119,7 @@ def grid(own, axes, fixed):
     return runs
 
 
-def score(args):
+def score_final_checkpoint(args):
     """The run's final checkpoint on its --val-split: the shared evaluation, whole set."""
     path = Path(args.model_dir) / f"{args.out}_last.pth"
     model, _ = model_from_checkpoint(path)
@@ -160,7 +160,8 @@ def run_one(run, folder, rerun, compute=()):
     print(f"\n== {run['name']}: python train_kd.py {' '.join(run['argv'] + compute)}", flush=True)
     args = train_kd.get_args_parser().parse_args(run["argv"] + compute)
     summary = train_kd.main(args, rerun=rerun)
-    result = {**run, **score(args), "train_seconds": summary["train_seconds_total"]}
+    result = {**run, **score_final_checkpoint(args),
+              "train_seconds": summary["train_seconds_total"]}
     save_json(result, Path(folder) / "runs" / f"{run['name']}.json")
     stop_if_requested(summary, rerun)
     return result

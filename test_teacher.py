@@ -40,6 +40,8 @@ def get_args_parser():
     parser.add_argument("--amp", action="store_true", help="autocast the forward (CUDA/CPU)")
     parser.add_argument("--json", default="outputs/teacher_eval.json",
                         help="where to write the results as JSON")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (for log files)")
     return parser
 
 
@@ -54,7 +56,7 @@ def main(args):
              "split": "val", "limit": args.limit, "amp": args.amp, "threads": args.threads,
              "workers": args.workers}
     evaluate_and_report(model, loader, device, f"teacher {args.arch}", count_params(model),
-                        args.json, extra, amp=args.amp)
+                        args.json, extra, amp=args.amp, progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
 """Train the compact student on PASCAL VOC 2012, with or without knowledge distillation.
 
-    L = (1 - alpha) * CE(y, z_s) + alpha * tau^2 * KL(softmax(z_t/tau) || softmax(z_s/tau))
-        + beta * mean over taps of (1 - cos(A(f_s), f_t))
-
-        + w_pixel * L_pi + w_pair * L_pa + w_at * AT + w_cwd * CWD     (docs/losses.md)
+The loss: cross-entropy plus the weighted distillation terms, its formula in losses.py's
+module docstring; each term is explained in docs/losses.md.
 
 alpha = beta = 0 (and no --w-*) is plain training (the teacher is never built); alpha > 0
 response KD; beta > 0 feature KD; both: combined. The distillation flags come from the one
@@ -63,50 +61,50 @@ def get_args_parser():
     g.add_argument("--kd-schedule", default="constant", choices=KD_SCHEDULES,
                    help="progressive distillation: scale ALL distillation weights per epoch: "
                         "constant; warmup (linear from 0 at epoch 1 to full after "
-                        "--kd-warmup-epochs); step (0 before --kd-step-epoch, full from it) "
-                        "(default: %(default)s)")
+                        "--kd-warmup-epochs); step (0 before --kd-step-epoch, full from it)")
     g.add_argument("--kd-warmup-epochs", type=ranged(int, 0), default=5,
-                   help="epochs of the linear warm-up of --kd-schedule warmup (default: %(default)s)")
+                   help="epochs of the linear warm-up of --kd-schedule warmup")
     g.add_argument("--kd-step-epoch", type=POSITIVE_INT, default=10,
-                   help="first epoch with distillation under --kd-schedule step (default: %(default)s)")
+                   help="first epoch with distillation under --kd-schedule step")
     g.add_argument("--teacher", default="fcn_resnet50", choices=TEACHER_ARCHS + STUDENT_ARCHS,
-                   help="teacher architecture (a compact one can teach in the offline demo) "
-                        "(default: %(default)s)")
+                   help="teacher architecture (a compact one can teach in the offline demo)")
+    # this help names the value 'default', and HelpFormatter leaves a help that speaks of a
+    # default as it is: so it states its own
     g.add_argument("--teacher-weights", default="default",
                    help="'default' (torchvision's pretrained), 'none' (random) or PATH to a state "
                         "dict or a checkpoint of this repo (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE_INT, default=30,
-                   help="number of training epochs (default: %(default)s)")
+                   help="number of training epochs")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=8,
-                   help="training images per step (default: %(default)s)")
+                   help="training images per step")
     g.add_argument("--lr", type=POSITIVE, default=1e-3,
-                   help="initial learning rate (default: %(default)s)")
+                   help="initial learning rate")
     g.add_argument("--weight-decay", type=ranged(float, 0), default=1e-4,
-                   help="weight decay (default: %(default)s)")
+                   help="weight decay")
     g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
-                   help="AdamW, or SGD with momentum 0.9 (default: %(default)s)")
+                   help="AdamW, or SGD with momentum 0.9")
     g.add_argument("--scheduler", default="poly", choices=("plateau", "poly", "cosine"),
                    help="learning-rate schedule, stepped once per epoch (plateau watches val "
-                        "mIoU) (default: %(default)s)")
+                        "mIoU)")
     g = parser.add_argument_group("model and data")
     g.add_argument("--student", default="lite", choices=STUDENT_ARCHS + BASELINE_STUDENTS,
                    help="student: 'lite' (depthwise-separable), 'lab', or torchvision's "
                         "lraspp_mobilenet_v3_large as an off-the-shelf baseline (no feature "
-                        "taps: logit terms only) (default: %(default)s)")
+                        "taps: logit terms only)")
     g.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false",
                    help="start the student's MobileNetV3 backbone from random weights, not "
                         "ImageNet (default: ImageNet weights from torch's hub cache)")
     g.add_argument("--crop-size", type=POSITIVE_INT, default=480,
-                   help="square training crop, padded (default: %(default)s)")
+                   help="square training crop, padded")
     g.add_argument("--scale-range", type=POSITIVE, nargs=2, default=(0.5, 2.0),
                    metavar=("MIN", "MAX"), help="random rescale range of training images "
                                                 "before the crop (default: 0.5 2.0)")
     g.add_argument("--train-set", default="voc", choices=("voc", "trainaug"),
                    help="'voc' (1,464 images) or 'trainaug' (VOC + SBD, 10,582 images; SBD is "
-                        "downloaded when missing) (default: %(default)s)")
+                        "downloaded when missing)")
     g.add_argument("--data-root", default="./data",
-                   help="directory holding VOCdevkit/VOC2012 (default: %(default)s)")
+                   help="directory holding VOCdevkit/VOC2012")
     g.add_argument("--sbd-root", default=None, help="SBD directory (default: DATA_ROOT/SBD)")
     g.add_argument("--no-download", action="store_true", help="never download VOC or SBD")
     g.add_argument("--limit-train", type=int, default=None,
@@ -116,7 +114,7 @@ def get_args_parser():
     g.add_argument("--val-split", default="val",
                    help="the split validated during training, on which NAME_best.pth is chosen: "
                         "VOC's val, or a split file of one's own (the demo's 'select'), so that "
-                        "the set a table reports chooses nothing (default: %(default)s)")
+                        "the set a table reports chooses nothing")
     g = parser.add_argument_group("running")
     add_compute_flags(g)
     g.add_argument("--amp", action="store_true",
@@ -124,7 +122,7 @@ def get_args_parser():
                         "2.8; bf16 before), bf16 on a CPU")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed (data order, crops, init); on a CPU, two runs with the same "
-                        "seed and flags write bit-identical checkpoints (default: %(default)s)")
+                        "seed and flags write bit-identical checkpoints")
     g.add_argument("--deterministic", action="store_true",
                    help="ask PyTorch for deterministic kernels (cuDNN, cuBLAS); slower on CUDA, "
                         "and ops without one are listed as warnings (docs/training.md)")
@@ -133,7 +131,7 @@ def get_args_parser():
                         "batch (SyncBatchNorm), for small per-GPU batches")
     g.add_argument("--val-every", type=POSITIVE_INT, default=1, metavar="N",
                    help="validate after every N-th epoch and after the last; the checkpoint "
-                        "and history are written every epoch (default: %(default)s)")
+                        "and history are written every epoch")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs only)")
     g.add_argument("--log-every", type=ranged(int, 0), default=0, metavar="N",
@@ -141,17 +139,17 @@ def get_args_parser():
                         "0, per epoch only)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="student",
-                   help="run name: models/NAME_*.pth, outputs/NAME/ (default: %(default)s)")
+                   help="run name: models/NAME_*.pth, outputs/NAME/")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from this checkpoint (NAME_last.pth); 'auto': from the run's "
                         "own last checkpoint if it has one, else start it (default: a new run)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over even if outputs/NAME already holds a run")
     g.add_argument("--model-dir", default="models",
-                   help="where checkpoints go (default: %(default)s)")
+                   help="where checkpoints go")
     g.add_argument("--output-dir", default="outputs",
-                   help="where history and summary go (default: %(default)s)")
-    g.add_argument("--plot-dir", default="plots", help="where the plots go (default: %(default)s)")
+                   help="where history and summary go")
+    g.add_argument("--plot-dir", default="plots", help="where the plots go")
     return parser
 
 

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 import demo
 import engine
+import sweep
 import train_kd
 
 pytestmark = pytest.mark.slow
@@ -21,10 +23,10 @@ TINY = ["--train", "8", "--val", "4", "--select", "4", "--pretrain", "8", "--siz
         "--seeds", "0", "1", "--val-every", "1", "--threads", "2", "--jobs", "1"]
 
 
-def run_demo(work, progress=False):
+def run_demo(work, progress=False, *flags):
     work = Path(work)
     display = [] if progress else ["--no-progress"]
-    return demo.main(demo.get_args_parser().parse_args(TINY + display + [
+    return demo.main(demo.get_args_parser().parse_args(TINY + display + [*flags,
         "--root", str(work / "data"), "--model-dir", str(work / "models"),
         "--output-dir", str(work / "outputs"), "--plot-dir", str(work / "plots")]))
 
@@ -36,6 +38,51 @@ def unbroken(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         results = run_demo(work)
     return work, results, printed.getvalue()
+
+
+def planned_runs(work, monkeypatch, *flags):
+    """{method: [(run name, its train_kd.py argv)], seed by seed} that a demo with ``flags``
+    hands to sweep.py, planned as sweep.py plans them, nothing trained."""
+    def plan(own, rerun=None):
+        axes, fixed, _ = sweep.split_flags(own.train_flags)
+        return {"runs": sweep.grid(own, axes, fixed)}
+
+    monkeypatch.setattr(sweep, "main", plan)
+    args = demo.get_args_parser().parse_args(TINY + ["--output-dir", str(work / "outputs"),
+                                                     "--model-dir", str(work / "models"), *flags])
+    trees = {"students": work / "data" / "students"}
+    teacher = work / "teacher_last.pth"
+    runs = demo.train_students(args, trees, {"data": "settings"}, teacher)["runs"]
+    planned = {}
+    for run in runs:
+        planned.setdefault(demo.method_of(run["setting"]), []).append((run["name"], run["argv"]))
+    return planned
+
+
+def test_the_no_kd_runs_are_shared_by_every_alpha_and_beta(tmp_path, monkeypatch):
+    """A run is named (so its checkpoint, history and result files are found) by the flags
+    that change its training: --alpha and --beta change the KD runs alone."""
+    a = planned_runs(tmp_path, monkeypatch, "--alpha", "0.5", "--beta", "0.5")
+    b = planned_runs(tmp_path, monkeypatch, "--alpha", "0.9", "--beta", "2")
+    assert a["no_kd"] == b["no_kd"] and len(a["no_kd"]) == 2  # one per seed, names and flags
+    for method in ("response_kd", "feature_kd", "combined_kd"):
+        assert not {n for n, _ in a[method]} & {n for n, _ in b[method]}, method
+    only_alpha = planned_runs(tmp_path, monkeypatch, "--alpha", "0.9", "--beta", "0.5")
+    assert only_alpha["feature_kd"] == a["feature_kd"]  # beta alone shapes feature KD
+    # --tau names every run of the one sweep, no KD's too (demo.students_sweep_name says why)
+    other_tau = planned_runs(tmp_path, monkeypatch, "--alpha", "0.5", "--beta", "0.5",
+                             "--tau", "2")
+    assert not {n for n, _ in a["no_kd"]} & {n for n, _ in other_tau["no_kd"]}
+
+
+def test_a_students_sweep_named_before_alpha_and_beta_left_its_key_is_still_found(tmp_path):
+    args = demo.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    settings, teacher, shared = {"data": "settings"}, "teacher_last.pth", ["--epochs", "2"]
+    axes = ["--alpha", "0", "0.5", "--beta", "0", "0.5"]
+    before = "demo_students_24681158"  # demo.py's key() at 6287003 gave this for these flags
+    assert demo.students_sweep_name(args, settings, teacher, shared, axes) != before
+    (tmp_path / "sweep" / before).mkdir(parents=True)  # a results folder of that demo
+    assert demo.students_sweep_name(args, settings, teacher, shared, axes) == before
 
 
 def mious(results):
@@ -144,3 +191,20 @@ def test_a_demo_stopped_by_sigint_then_rerun_ends_with_the_unbroken_table(unbrok
         expected = torch.load(path, weights_only=True)["model"]
         got = torch.load(resumed[name], weights_only=True)["model"]
         assert all(torch.equal(v, got[k]) for k, v in expected.items()), name
+
+
+def test_a_demo_with_another_alpha_trains_only_the_runs_alpha_shapes(unbroken, capsys):
+    """Last in this file: it adds runs to the unbroken demo's folders, which the tests above
+    count. The no-KD and feature-KD runs are reused as they are; response and combined KD,
+    which --alpha shapes, are trained anew."""
+    work, results, _ = unbroken
+    capsys.readouterr()
+    again = run_demo(work, False, "--alpha", "0.9")
+    out = capsys.readouterr().out
+    skipped = {line.split(":")[0] for line in out.splitlines() if line.endswith("(skipped)")}
+    trained = set(re.findall(r"^== (\S+): python train_kd.py", out, re.MULTILINE))
+    assert "teacher: reusing" in out and len(skipped) == len(trained) == 4
+    assert all("_alpha0_" in name for name in skipped)  # no KD and feature KD, both seeds
+    assert all("_alpha0.9_" in name for name in trained)  # response and combined KD
+    for method in ("no_kd", "feature_kd"):
+        assert mious(again)[method] == mious(results)[method]

@@ -4,6 +4,7 @@ The killed runs are real subprocesses of train_kd.py; their resumed runs, and th
 run they are compared with, run in this process (same flags, same thread count), so a
 bit-identical result also shows that a run does not depend on the process it ran in.
 """
+import argparse
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, train_flags
 
+import checkpoints
 import losses
 import train_kd
 from cli import run_cli
@@ -207,3 +209,28 @@ def test_non_finite_loss_stops_names_terms_and_remedies_and_keeps_the_checkpoint
     assert f"{last} is untouched" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == before
     assert (tmp_path / "outputs/run/history.jsonl").read_text() == history
+
+
+def resume_warnings(parser, changed):
+    """What check_resume_fits logs for a checkpoint whose run had ``changed`` set otherwise."""
+    args = parser.parse_args([])
+    saved = {**vars(args), changed: "another value"}
+    logged = []
+    student = argparse.Namespace(model_args={"arch": "lite", "num_classes": 21})
+    checkpoints.check_resume_fits({"args": saved}, "run_last.pth", student, args, logged.append)
+    return logged
+
+
+def test_resume_warns_about_every_flag_but_the_few_that_leave_training_alone():
+    """The compared flags are derived from the parser, not typed: each train_kd.py flag outside
+    checkpoints.NOT_TRAINING is named when it differs, one added to the parser included."""
+    parser = train_kd.get_args_parser()
+    parser.add_argument("--a-new-training-flag", type=int, default=1)  # as a later issue might
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert checkpoints.NOT_TRAINING < dests  # no name there that the parser lacks
+    for dest in sorted(dests):
+        logged = resume_warnings(parser, dest)
+        if dest in checkpoints.NOT_TRAINING:
+            assert logged == [], dest
+        else:
+            assert len(logged) == 1 and f"--{dest.replace('_', '-')} " in logged[0], dest

@@ -11,10 +11,12 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from torchvision.models.segmentation import fcn_resnet50
 
 import data
+import evaluate
 import synth
 import test_teacher
+from checkpoints import model_record
 from cli import UserError, run_cli
-from nets import load_model
+from nets import build_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,24 @@ def test_unknown_device_is_a_clear_error(synth_root, monkeypatch, capsys):
     code, stderr = run_script(monkeypatch, capsys, "--data-root", str(synth_root), "--weights",
                               "none", "--device", "tpu")
     assert code == 2 and "--device 'tpu' is unknown" in stderr
+
+
+@pytest.mark.parametrize("script", [test_teacher, evaluate])
+def test_no_progress_silences_the_bar_of_both_evaluating_scripts(script, odd_tree, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The bar (tqdm, on stderr) shows by default and never with --no-progress."""
+    if script is evaluate:
+        torch.save(model_record(build_model("lite")), tmp_path / "lite.pth")
+        argv = ["--model_path", str(tmp_path / "lite.pth"), "--output-dir", str(tmp_path)]
+    else:
+        argv = ["--weights", "none"]
+    argv += ["--data-root", str(odd_tree), "--limit", "2", "--device", "cpu", "--workers", "0",
+             "--json", str(tmp_path / "out.json")]
+    printed = {}
+    for display in ([], ["--no-progress"]):
+        monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *argv, *display])
+        capsys.readouterr()
+        run_cli(script.main, script.get_args_parser())  # returns: no error
+        printed[bool(display)] = capsys.readouterr().err
+    assert "it/s]" in printed[False]  # tqdm's rate: the bar was drawn
+    assert "it/s]" not in printed[True] and "%|" not in printed[True], printed[True]
