@@ -164,7 +164,7 @@ def test_a_second_demo_reuses_the_teacher_and_every_finished_run(unbroken, monke
 
 def test_a_demo_stopped_by_sigint_then_rerun_ends_with_the_unbroken_table(unbroken, tmp_path,
                                                                           monkeypatch, capsys):
-    real_step, calls = engine.step, []
+    real_step, calls = engine.backward_and_step, []
 
     def ctrl_c_at_the_eighth_step(*args):  # the teacher's 2 steps, then 4 per student:
         calls.append(1)                      # the second student's epoch 1 is ending
@@ -172,7 +172,7 @@ def test_a_demo_stopped_by_sigint_then_rerun_ends_with_the_unbroken_table(unbrok
             os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C would
         return real_step(*args)
 
-    monkeypatch.setattr(engine, "step", ctrl_c_at_the_eighth_step)
+    monkeypatch.setattr(engine, "backward_and_step", ctrl_c_at_the_eighth_step)
     with pytest.raises(SystemExit) as stopped:
         run_demo(tmp_path)
     assert stopped.value.code == 128 + signal.SIGINT
@@ -180,7 +180,7 @@ def test_a_demo_stopped_by_sigint_then_rerun_ends_with_the_unbroken_table(unbrok
     assert "stopped by SIGINT at the end of epoch 1" in err  # of 2: mid-run
     assert "To finish it, rerun the same python demo.py command" in err
     assert "--resume auto" not in err  # a flag demo.py does not have
-    monkeypatch.setattr(engine, "step", real_step)
+    monkeypatch.setattr(engine, "backward_and_step", real_step)
     assert mious(run_demo(tmp_path)) == mious(unbroken[1])
     # the tiny students' scores barely move: their weights must be the unbroken run's, bit for bit
     setting = lambda path: path.name.split("_", 3)[3]  # demo_students_<settings key>_<setting>
