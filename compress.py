@@ -40,7 +40,7 @@ from torch.nn.utils import prune
 from checkpoints import model_record
 from cli import HelpFormatter, UserError, git_revision, markdown_table, run_cli
 from compute import (add_compute_flags, device_name, percentile,
-                     set_compute_resources, time_interleaved)
+                     set_compute_resources, time_interleaved, timed)
 from data import build_dataset, eval_loader, eval_transforms, to_model_input
 from distill import logits_of
 from engine import evaluate
@@ -75,6 +75,10 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=520, help="square input side of the latency runs")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
+    parser.add_argument("--size-sweep", type=int, default=0, metavar="N",
+                        help="also time fp32 and int8 on N random images of N distinct sizes "
+                             "(sides from --size/2 to --size), each image once per model in "
+                             "turn: the cost of new sizes (the JSON's size_sweep); 0: off")
     add_compute_flags(parser, device=None, workers=False)  # int8 and ONNX here run on a CPU
     # output
     parser.add_argument("--out-dir", default="models/compressed",
@@ -142,13 +146,56 @@ def drop_unused_tensors(gm):
     return gm
 
 
+@torch.library.custom_op("segkd::global_avg_pool", mutates_args=())
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """adaptive_avg_pool2d(x, 1) as an op inductor calls and does not generate code for."""
+    return x.mean((2, 3), keepdim=True).contiguous()
+
+
+@global_avg_pool.register_fake
+def _(x):
+    return x.new_empty(x.shape[0], x.shape[1], 1, 1)
+
+
+def opaque_pools(gm):
+    """Replace the graph's global average pools (MobileNetV3's squeeze-excite, ASPP's image
+    pool) by ``global_avg_pool``, in place.
+
+    Inductor writes such a pool as a float sum over H*W and picks its accumulation by
+    whether H*W > 4096 (cpp.py, need_use_acc_helper): a guard on the input size, so every
+    image on the other side of one of those thresholds (at strides 4 and 16) compiled the
+    whole network again. As an opaque op the pool is aten's kernel and guards nothing.
+    """
+    for node in gm.graph.nodes:
+        if node.target == torch.ops.aten.adaptive_avg_pool2d.default and \
+                list(node.args[1]) == [1, 1]:
+            node.target, node.args = torch.ops.segkd.global_avg_pool.default, node.args[:1]
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def compile_frozen(model):
     """torch.compile with inductor's freezing: constant weights are folded and prepacked,
-    which is what selects the int8 (and oneDNN fp32) convolution kernels on x86."""
+    which is what selects the int8 (and oneDNN fp32) convolution kernels on x86.
+
+    Compiled once for every image size (tests/test_compress.py counts the compilations):
+    the global pools made opaque (``opaque_pools``, for exported graphs), and no duck
+    sizing, by which dynamo gives height and width one symbol when the first image is
+    square, and compiles again at the first that is not.
+    """
     import torch._inductor.config as inductor_config
+    from torch.fx.experimental import _config as shape_config
     inductor_config.freezing = True
     inductor_config.cpp_wrapper = True  # the graph's calls made from C++, not Python: ~15% less
-    return torch.compile(model, dynamic=True)  # val images come in many sizes
+    if isinstance(model, torch.fx.GraphModule):
+        opaque_pools(model)
+    compiled = torch.compile(model, dynamic=True)  # val images come in many sizes
+
+    def run(x):
+        with shape_config.patch(use_duck_shape=False):  # read when a compilation starts
+            return compiled(x)
+    return run
 
 
 def load_int8(path):
@@ -269,9 +316,9 @@ def int8_variant(model, args, x, out_dir, stem):
     how = "eager Q/DQ reference" if args.int8_eager else "inductor, freezing"
     print(f"int8: {how}" + ("" if args.int8_eager else " (compiling: a minute or two)"))
     runner = qmodel if args.int8_eager else compile_frozen(qmodel)
-    with torch.inference_mode():
-        runner(x)  # compile now, not inside the first timed call
-    return {"model": Frozen(runner), "path": path,
+    with torch.inference_mode():  # compile now, not inside the first timed call
+        compile_s = timed(lambda: runner(x), torch.device("cpu"))[1]
+    return {"model": Frozen(runner), "path": path, "first_call_s": compile_s,
             "note": f"PT2E static int8 (torchao X86InductorQuantizer), {len(images)} "
                     f"calibration images, {how}"}
 
@@ -339,6 +386,45 @@ def time_variants(variants, x, device, args):
     return rounds
 
 
+def sweep_sizes(n, size, seed=0):
+    """``n`` distinct (height, width) pairs, sides from size // 2 to size, drawn reproducibly."""
+    rng = torch.Generator().manual_seed(seed)
+    low, sizes = size // 2, []
+    if (size - low + 1) ** 2 < n:
+        raise UserError(f"--size-sweep {n}: only {(size - low + 1) ** 2} distinct sizes between "
+                        f"{low} and {size} px; raise --size or lower --size-sweep")
+    while len(sizes) < n:
+        hw = tuple(int(v) for v in torch.randint(low, size + 1, (2,), generator=rng))
+        if hw not in sizes:
+            sizes.append(hw)
+    return sizes
+
+
+def size_sweep(variants, args, device):
+    """fp32 and int8 on --size-sweep images of distinct sizes, one call each, in turn (any
+    compilation a new size triggers is in its time): per-image times and the cost ratio."""
+    names = [name for name in ("fp32", "int8") if name in variants]
+    sizes = sweep_sizes(args.size_sweep, args.size)
+    times = {name: [] for name in names}
+    print(f"size sweep: {len(sizes)} sizes, {', '.join(names)} ({device_name(device)})")
+    with torch.inference_mode():
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * 10007 + w))
+            for name in names:
+                times[name].append(timed(lambda: variants[name]["model"](x), device)[1])
+    result = {"sizes": [list(hw) for hw in sizes],
+              "seconds": {name: t for name, t in times.items()},
+              "total_s": {name: sum(t) for name, t in times.items()},
+              "median_ms": {name: 1000 * statistics.median(t) for name, t in times.items()},
+              "max_ms": {name: 1000 * max(t) for name, t in times.items()}}
+    if "int8" in names:
+        result["int8_over_fp32_total"] = result["total_s"]["int8"] / result["total_s"]["fp32"]
+        print(f"size sweep: int8 costs {result['int8_over_fp32_total']:.2f}x fp32 over "
+              f"{len(sizes)} sizes (median {result['median_ms']['int8']:.1f} vs "
+              f"{result['median_ms']['fp32']:.1f} ms, slowest {result['max_ms']['int8']:.0f} ms)")
+    return result
+
+
 def score_variants(variants, rounds, loader, device, progress):
     """One row per variant: size, latency, mIoU, and each against fp32."""
     rows = []
@@ -351,7 +437,7 @@ def score_variants(variants, rounds, loader, device, progress):
                "median_ms": 1000 * statistics.median(times),
                "p90_ms": 1000 * percentile(times, 0.9), "miou": scores["miou"],
                "pixel_accuracy": scores["pixel_accuracy"], "times_ms": [1000 * t for t in times],
-               **{k: v[k] for k in ("zero_fraction", "max_abs_diff") if k in v}}
+               **{k: v[k] for k in ("zero_fraction", "max_abs_diff", "first_call_s") if k in v}}
         rows.append(row)
     for row in rows:  # against fp32 timed in the same interleaved rounds
         row["speedup_vs_fp32"] = row["fp32_median_ms_same_round"] / row["median_ms"]
@@ -373,8 +459,9 @@ def main(args):
     loader = eval_loader(args.data_root, args.limit, 0, not args.no_download)
     x = torch.randn(1, 3, args.size, args.size)
     variants = build_variants(model, ckpt, args, x, out_dir, Path(args.model_path).stem)
-    rows = score_variants(variants, time_variants(variants, x, device, args), loader, device,
-                          args.progress)
+    rounds = time_variants(variants, x, device, args)
+    sweep = size_sweep(variants, args, device) if args.size_sweep else None
+    rows = score_variants(variants, rounds, loader, device, args.progress)
     table = markdown(rows)
     print(table)
     result = {"checkpoint": str(args.model_path), "arch": ckpt["model_args"]["arch"],
@@ -388,7 +475,7 @@ def main(args):
                                   "convert_pt2e, X86InductorQuantizer)",
               "fine_tuning": "not run: train_kd.py has no flag to start from a pruned "
                              "checkpoint and would not keep the pruning masks",
-              "rows": rows, "table_markdown": table}
+              "size_sweep": sweep, "rows": rows, "table_markdown": table}
     save_json(result, args.json)
     print(f"results written to {args.json}; files in {out_dir}/")
     return result

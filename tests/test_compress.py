@@ -1,6 +1,7 @@
 """compress.py's pieces on a random-init 'lite' checkpoint. The whole command (int8, pruning,
 ONNX, each file loading alone) runs end to end in test_real_path, as test.txt writes it."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +51,68 @@ def test_missing_optional_packages_stop_before_any_file(lite_checkpoint, synth_r
     assert "needed by the int8 and onnx steps" in message
     assert "pip install -r requirements-optional.txt" in message and "--skip int8 onnx" in message
     assert list(tmp_path.iterdir()) == []
+
+
+class TinySegmenter(torch.nn.Module):
+    """The student's ops that matter to inductor's shape guards, small enough to compile in
+    seconds: conv, batch norm, hard-swish, a squeeze-excite pool, upsampling to full size."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.Hardswish())
+        self.excite = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(8, 8, 1),
+                                          torch.nn.Hardsigmoid())
+        self.head = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.head(y * self.excite(y))
+        return torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear")
+
+
+@pytest.fixture(scope="module")
+def tiny_int8():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    calib = [torch.randn(1, 3, 96, 112) for _ in range(2)]
+    return compress.quantize_int8(TinySegmenter().eval(), calib)
+
+
+def test_compiled_int8_compiles_once_for_every_image_size(tiny_int8):
+    """A square first image (duck sizing) and pools on both sides of inductor's 4096-element
+    reduction split each used to compile the whole network again."""
+    import copy
+
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    reference = copy.deepcopy(tiny_int8)  # the eager quantize/dequantize graph
+    compiled = compress.compile_frozen(copy.deepcopy(tiny_int8))
+    before = counters["stats"]["unique_graphs"]
+    # pooled H*W 3136 and 3648 (<= 4096), 6000 and 8835 (> 4096); every conv input above the
+    # 20480 elements where convolution picks another kernel (a split left in: tiny images)
+    with torch.inference_mode():
+        for h, w in [(112, 112), (160, 150), (113, 127), (190, 186)]:
+            x = torch.randn(1, 3, h, w)
+            out = compiled(x)
+            assert out.shape == (1, 3, h, w)
+            assert (out - reference(x)).abs().mean() < 0.02  # int8 kernels round a step apart
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_saved_int8_predicts_the_same_in_a_fresh_process(tiny_int8, tmp_path):
+    import subprocess
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 120, 100)
+    path = tmp_path / "tiny_int8.pt2"
+    compress.save_int8(tiny_int8, x, path)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, compress; m = compress.load_int8(sys.argv[1]); "
+            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=Path(compress.__file__).parent)
+    loaded = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        here = tiny_int8(x)
+    assert torch.equal(loaded.argmax(1), here.argmax(1))
+    assert torch.allclose(loaded, here, atol=1e-5)
