@@ -17,6 +17,7 @@ allocator overhead and library scratch buffers not seen), so it is an estimate.
     python benchmark.py --device cpu
     python benchmark.py --device cuda --size 520 --runs 50 --json outputs/benchmark_cuda.json
     python benchmark.py --models lite lraspp_mobilenet_v3_large --threads 1
+    python benchmark.py --models models/X_last.pth models/compressed/X_last_pruned_channels_0.5.pth
     python benchmark.py --device cpu --json out.json   # also writes out.md (the table)
     python benchmark.py --train-cost --size 256 --runs 10   # KD step: every term vs Hinton
 """
@@ -39,7 +40,24 @@ from compute import (add_compute_flags, amp_dtype, count_params, device_name,
                      synchronize, time_interleaved, timed)
 from distill import FeatureAdapters, FrozenTeacher, feature_channels, logits_of
 from files import save_json
-from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model
+from nets import (STUDENT_ARCHS, TORCHVISION_ARCHS, build_model,
+                  model_from_checkpoint)
+
+
+def model_or_checkpoint(value):
+    """--models entry: a known architecture name, or a checkpoint file to rebuild."""
+    if value in STUDENT_ARCHS + TORCHVISION_ARCHS or value.endswith(".pth"):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither a model ({', '.join(STUDENT_ARCHS + TORCHVISION_ARCHS)}) nor a "
+        ".pth checkpoint; pass one of those")
+
+
+def load_benchmarked(name):
+    """The model named on --models: random weights by name, or a checkpoint's own model."""
+    if name.endswith(".pth"):
+        return model_from_checkpoint(name)[0]
+    return build_model(name, pretrained=False)
 
 
 def get_args_parser():
@@ -48,8 +66,10 @@ def get_args_parser():
     parser.add_argument("--models", nargs="+",
                         default=["fcn_resnet50", "lab", "lite", "lraspp_mobilenet_v3_large",
                                  "deeplabv3_mobilenet_v3_large"],
-                        choices=STUDENT_ARCHS + TORCHVISION_ARCHS,
-                        help="models to measure; the first is the reference for speed-ups")
+                        type=model_or_checkpoint, metavar="NAME|PATH",
+                        help="models to measure, by name (random weights) or as a checkpoint "
+                             "PATH (.pth) of this repo, a pruned one included (its own "
+                             "weights); the first is the reference for speed-ups")
     add_compute_flags(parser, device="cpu", workers=False)
     parser.add_argument("--size", type=int, default=520, help="square input side in pixels")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per model")
@@ -146,11 +166,12 @@ def checkpoint_bytes(model):
 
 
 def total_params(name, model):
-    """Inference parameters plus, for a student, its training-only FeatureAdapters to the
-    teacher's (fcn_resnet50) widths; other models have nothing training-only, total = inference."""
-    if name not in STUDENT_ARCHS:
+    """Inference parameters plus, for a compact student, its training-only FeatureAdapters
+    from its own tap widths (narrower when pruned) to the teacher's (fcn_resnet50); other
+    models have nothing training-only, total = inference."""
+    if getattr(model, "model_args", {}).get("arch") not in STUDENT_ARCHS:
         return count_params(model)
-    adapters = FeatureAdapters(feature_channels(name), feature_channels("fcn_resnet50"))
+    adapters = FeatureAdapters(model.feature_channels, feature_channels("fcn_resnet50"))
     return count_params(model) + count_params(adapters)
 
 
@@ -303,7 +324,7 @@ def inference_main(args, device):
     models = {}
     for name in args.models:
         torch.manual_seed(0)
-        models[name] = build_model(name, pretrained=False).eval().to(device, memory_format=memory_format)
+        models[name] = load_benchmarked(name).eval().to(device, memory_format=memory_format)
     measured = {name: measure_once(model, x, device) for name, model in models.items()}
     slow = {name for name, (flops, _) in measured.items() if flops > args.slow_gflops}
     runs = {name: args.slow_runs if name in slow else args.runs for name in models}

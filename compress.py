@@ -8,10 +8,11 @@ From one checkpoint written by train_kd.py (rebuilt with nets.model_from_checkpo
   (its constant weights folded into prepacked int8 convolutions; without freezing, and
   without compiling, the quantize/dequantize pattern runs in float and is slower than fp32);
   compiling takes a minute or two on a CPU. --int8-eager keeps that float reference instead;
-- pruning: unstructured (l1_unstructured on every conv weight) and channel pruning
-  (ln_structured, L2 norm over the output channels of every non-depthwise conv but the
-  classifier), both at --sparsity and made permanent (prune.remove); the channels are zeroed,
-  not removed, so the network keeps its shape and its speed;
+- pruning: unstructured (l1_unstructured on every conv weight, made permanent: zeroed
+  weights, same shape and speed) and structural channel pruning (pruning.py: Torch-Pruning
+  removes --sparsity of the channels of every coupled group, the classifier's 21 outputs
+  kept), which gives a narrower network, saved as a state dict plus its layer widths in
+  model_args; it is fine-tuned with train_kd.py --init-from, the unpruned student teaching;
 - ONNX: torch.onnx.export (dynamic height and width), checked against PyTorch's logits and
   timed in onnxruntime.
 
@@ -39,13 +40,14 @@ from torch.nn.utils import prune
 
 from checkpoints import model_record
 from cli import HelpFormatter, UserError, git_revision, markdown_table, run_cli
-from compute import (add_compute_flags, device_name, percentile,
+from compute import (add_compute_flags, count_params, device_name, percentile,
                      set_compute_resources, time_interleaved, timed)
 from data import build_dataset, eval_loader, eval_transforms, to_model_input
 from distill import logits_of
 from engine import evaluate
 from files import save_json, torch_save
 from nets import model_from_checkpoint
+from pruning import prune_channels, removed_channel_fraction
 
 
 def get_args_parser():
@@ -61,8 +63,8 @@ def get_args_parser():
                         help="training images (full size, no augmentation) for int8 calibration")
     # what to produce
     parser.add_argument("--sparsity", type=float, default=0.5,
-                        help="fraction of conv weights (unstructured) / output channels "
-                             "(channel pruning) set to zero")
+                        help="fraction of conv weights set to zero (unstructured) / of the "
+                             "channels of every coupled group removed (channel pruning)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("int8", "prune", "onnx"),
                         help="steps to leave out")
     parser.add_argument("--int8-eager", action="store_true",
@@ -215,26 +217,23 @@ def save_int8(qmodel, example, path):
 
 # --------------------------------------------------------------------------- pruning
 
-def prunable_convs(model, structured):
-    """Conv layers to prune: all of them (unstructured), or for channel pruning every conv but
-    the classifier (removing a class) and depthwise ones (one filter per input channel)."""
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not structured:
-        return convs
-    last = convs[-1][0]
-    return [(n, m) for n, m in convs if n != last and m.groups == 1 and m.out_channels > 1]
+def prunable_convs(model):
+    """Conv layers of unstructured pruning: all of them."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def prune_model(model, sparsity, structured):
-    """A pruned copy, masks made permanent; returns (model, fraction of zero conv weights)."""
+    """A pruned copy; returns (model, fraction): unstructured, the conv weights zeroed (masks
+    made permanent) and their zero fraction; structured, channels removed (pruning.py) and
+    the fraction of conv output channels gone."""
+    if structured:
+        pruned = prune_channels(model, sparsity)
+        return pruned, removed_channel_fraction(model, pruned)
     pruned = copy.deepcopy(model)
-    for _, conv in prunable_convs(pruned, structured):
-        if structured:  # whole output channels with the smallest L2 norm
-            prune.ln_structured(conv, "weight", amount=sparsity, n=2, dim=0)
-        else:
-            prune.l1_unstructured(conv, "weight", amount=sparsity)
+    for _, conv in prunable_convs(pruned):
+        prune.l1_unstructured(conv, "weight", amount=sparsity)
         prune.remove(conv, "weight")  # weight = weight_orig * mask, the mask dropped
-    convs = prunable_convs(pruned, structured)
+    convs = prunable_convs(pruned)
     zeros = sum(int((m.weight == 0).sum()) for _, m in convs)
     return pruned, zeros / sum(m.weight.numel() for _, m in convs)
 
@@ -274,7 +273,8 @@ class OnnxModel(nn.Module):
 
 # --------------------------------------------------------------------------- main
 
-OPTIONAL = {"int8": ("torchao",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
+OPTIONAL = {"int8": ("torchao",), "prune": ("torch_pruning",),
+            "onnx": ("onnx", "onnxscript", "onnxruntime")}
 
 
 def check_optional_imports(skip):
@@ -324,16 +324,23 @@ def int8_variant(model, args, x, out_dir, stem):
 
 
 def pruned_variants(model, ckpt, args, out_dir, stem):
-    """Unstructured and channel pruning at --sparsity, each saved as a repo checkpoint."""
+    """Unstructured and channel pruning at --sparsity, each saved as a repo checkpoint (the
+    channel-pruned one with its widths in model_args, so it rebuilds alone)."""
     variants = {}
     for kind, structured in (("pruned_unstructured", False), ("pruned_channels", True)):
-        pruned, zero_fraction = prune_model(model, args.sparsity, structured)
+        pruned, fraction = prune_model(model, args.sparsity, structured)
         path = out_dir / f"{stem}_{kind}_{args.sparsity:g}.pth"
-        info = {"method": "ln_structured (L2, output channels)" if structured
-                else "l1_unstructured", "sparsity": args.sparsity, "zero_fraction": zero_fraction}
+        params = (count_params(model), count_params(pruned))
+        info = {"method": "Torch-Pruning MagnitudePruner (L2, coupled channel groups), channels "
+                          "removed" if structured else "l1_unstructured",
+                "sparsity": args.sparsity, "params_before": params[0], "params_after": params[1],
+                "removed_channel_fraction" if structured else "zero_fraction": fraction}
         save_pruned(pruned, ckpt, path, info)
-        variants[kind] = {"model": pruned, "path": path, "zero_fraction": zero_fraction,
-                          "note": f"{info['method']} at {args.sparsity:g}, no fine-tuning"}
+        variants[kind] = {"model": pruned.eval(), "path": path,
+                          "note": f"{info['method']} at {args.sparsity:g}, {params[1]:,} of "
+                                  f"{params[0]:,} parameters, no fine-tuning"}
+        if not structured:
+            variants[kind]["zero_fraction"] = fraction
     return variants
 
 

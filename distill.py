@@ -70,7 +70,9 @@ class FrozenTeacher(nn.Module):
     def __init__(self, model, arch, preact=False):
         super().__init__()
         self.arch, self.preact = arch, preact
-        self.channels = feature_channels(arch)
+        # a compact teacher (perhaps a pruned one) carries its own widths
+        self.channels = dict(model.feature_channels) if arch in STUDENT_ARCHS \
+            else feature_channels(arch)
         if arch in STUDENT_ARCHS:  # a compact model can teach too (the offline demo)
             self.net = model
         else:
@@ -176,7 +178,7 @@ def build_distiller(student, criterion, teacher=None, wrap=None):
     adapters = None
     if teacher is not None and "adapted" in criterion.needs():
         device = next(student.parameters()).device
-        adapters = FeatureAdapters(student.FEATURE_CHANNELS, teacher.channels).to(device)
+        adapters = FeatureAdapters(student.feature_channels, teacher.channels).to(device)
     wrap = wrap or (lambda module: module)
     return Distiller(wrap(student), criterion, teacher,
                      None if adapters is None else wrap(adapters))

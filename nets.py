@@ -5,7 +5,8 @@ segmentation models (``fcn_resnet50``, ``fcn_resnet101``, ``deeplabv3_resnet50``
 ``deeplabv3_resnet101``, ``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``).
 
 Every checkpoint this repo writes holds ``model`` (a state dict) and ``model_args``
-(``{'arch': ..., 'num_classes': ...}``), so ``build_model(**model_args)`` rebuilds it alone.
+(``{'arch': ..., 'num_classes': ...}``, plus ``'widths'`` for a channel-pruned student), so
+``build_model(**model_args)`` rebuilds it alone.
 """
 import urllib.error
 import zipfile
@@ -38,22 +39,29 @@ def load_pretrained(build, weights, what, fix):
                         f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or {fix}") from None
 
 
-def with_model_args(model, arch, num_classes):
+def with_model_args(model, arch, num_classes, widths=None):
     """``model`` with the ``model_args`` every checkpoint records, so that
-    ``build_model(**model_args)`` rebuilds it alone."""
+    ``build_model(**model_args)`` rebuilds it alone; ``widths`` (a pruned student's layer
+    widths) only where there are some, so an unpruned model's record stays as it was."""
     model.model_args = {"arch": arch, "num_classes": num_classes}
+    if widths:
+        model.model_args["widths"] = {name: list(shape) for name, shape in widths.items()}
     return model
 
 
-def build_model(arch, num_classes=21, pretrained=False):
-    """A model by name; ``pretrained`` downloads torchvision's weights (backbone for students)."""
+def build_model(arch, num_classes=21, pretrained=False, widths=None):
+    """A model by name; ``pretrained`` downloads torchvision's weights (backbone for students);
+    ``widths``: the layer widths of a channel-pruned compact student (its model_args)."""
     if arch in STUDENT_ARCHS:
         from student_model import CompactStudentModel
         return CompactStudentModel(variant=arch, num_classes=num_classes,
-                                   pretrained_backbone=pretrained)
+                                   pretrained_backbone=pretrained, widths=widths)
     if arch not in TORCHVISION_ARCHS:
         raise UserError(f"unknown model {arch!r}; choose one of "
                         f"{', '.join(STUDENT_ARCHS + TORCHVISION_ARCHS)}")
+    if widths:
+        raise UserError(f"{arch}: only the compact students ({', '.join(STUDENT_ARCHS)}) can be "
+                        "rebuilt with pruned widths; pass a checkpoint of one")
     builder = getattr(tv_seg, arch)
     extra = {} if arch.startswith("lraspp") else {"aux_loss": True}
     if not pretrained:
@@ -139,7 +147,8 @@ def load_model(arch, weights, num_classes=21):
             raise UserError(f"{weights}: checkpoint is a {model_args.get('arch')} with "
                             f"{model_args.get('num_classes')} classes, not a {arch} with "
                             f"{num_classes}; pass the matching checkpoint or architecture")
-    model = build_model(arch, num_classes, pretrained=False)
+    # the checkpoint's own model_args: a pruned student comes back with its widths
+    model = build_model(**{"arch": arch, "num_classes": num_classes, **(model_args or {})})
     try:
         return load_state(model, state, weights, arch)
     except RuntimeError as exc:  # same keys, other shapes (e.g. another class count)

@@ -44,6 +44,10 @@ depthwise convs of blocks 9-11 stride 1, dilation 2 and padding 4 (same size out
 feature map stays at stride 16 while each kernel still spans the receptive field it had at
 stride 32, so the ImageNet weights keep their meaning, and the ASPP sees 2x finer features.
 
+A channel-pruned student (pruning.py) is the same class built with ``widths``: the layers
+whose channel counts differ from the variant's, rebuilt at those counts before the state dict
+is loaded; its ``feature_channels`` and ``preact_channels`` are then its own, narrower ones.
+
 The image-pooling branch broadcasts its 1x1 output back to H x W (``expand``): that is what
 bilinear upsampling of a 1x1 map gives, without the interpolation call.
 """
@@ -113,15 +117,18 @@ def _backbone(pretrained):
 class CompactStudentModel(nn.Module):
     """DeepLabV3+-style head on a dilated MobileNetV3-Small; see the module docstring."""
 
+    # the unpruned widths; an instance's own are ``feature_channels`` / ``preact_channels``
     FEATURE_CHANNELS = {"low": 24, "mid": 40, "high": 576}
     # 'preact': the last refinement BN's output before its ReLU (pixel-wise distillation)
     PREACT_CHANNELS = {variant: dec for variant, (_, dec, _) in _VARIANTS.items()}
 
-    def __init__(self, variant="lite", num_classes=21, pretrained_backbone=True):
+    def __init__(self, variant="lite", num_classes=21, pretrained_backbone=True, widths=None):
+        """``widths``: {layer name: [in, out] (conv) or [features] (BatchNorm)} of the layers
+        whose widths differ from the variant's (a channel-pruned student, pruning.py)."""
         super().__init__()
         if variant not in _VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(_VARIANTS)}")
-        with_model_args(self, variant, num_classes)
+        with_model_args(self, variant, num_classes, widths=widths)
         aspp_ch, dec_ch, separable = _VARIANTS[variant]
 
         self.backbone = _backbone(pretrained_backbone)
@@ -139,6 +146,11 @@ class CompactStudentModel(nn.Module):
                                     _conv3x3(dec_ch, dec_ch, 1, separable),
                                     nn.Dropout(0.5))
         self.classifier = nn.Conv2d(dec_ch, num_classes, 1)
+        resize_layers(self, widths or {})
+        # the taps' widths read from the layers themselves, so a pruned student's adapters
+        # (distill.build_distiller) and a pruned teacher's fit its real channels
+        self.feature_channels = {name: out_width(self.backbone[i]) for i, name in self._taps.items()}
+        self.preact_channels = out_width(self.refine)
 
     def forward(self, x, return_features=False, return_preact=False):
         """Logits at the input size; with ``return_features`` also the taps {'low', 'mid',
@@ -175,3 +187,48 @@ class CompactStudentModel(nn.Module):
         for module in leaves[last_relu + 1:]:
             y = module(y)
         return y
+
+
+def out_width(module):
+    """Channels coming out of ``module``: those of its last BatchNorm (every tap block and
+    the refinement end in one)."""
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+def _resized(layer, shape):
+    """A fresh layer like ``layer`` with the widths ``shape``; a depthwise conv stays one."""
+    if isinstance(layer, nn.BatchNorm2d) and len(shape) == 1:
+        return nn.BatchNorm2d(shape[0], eps=layer.eps, momentum=layer.momentum)
+    if isinstance(layer, nn.Conv2d) and len(shape) == 2:
+        cin, cout = shape
+        depthwise = layer.groups > 1 and layer.groups == layer.in_channels
+        if depthwise != (layer.groups > 1) or (depthwise and cin != cout):
+            raise ValueError(f"a conv with groups={layer.groups} cannot become {cin} -> {cout}")
+        return nn.Conv2d(cin, cout, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, groups=cin if depthwise else 1,
+                         bias=layer.bias is not None)
+    raise ValueError(f"cannot give a {type(layer).__name__} the widths {shape}")
+
+
+def resize_layers(model, widths):
+    """Replace each layer named in ``widths`` by one of those widths (random weights: the
+    checkpoint's state dict fills them)."""
+    for name, shape in widths.items():
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            layer = getattr(parent, leaf)
+        except AttributeError:
+            raise ValueError(f"widths name a layer {name!r} the model does not have") from None
+        setattr(parent, leaf, _resized(layer, list(shape)))
+
+
+def layer_widths(model):
+    """{layer name: [in, out] or [features]} of the convs and BatchNorms of a compact student
+    whose widths differ from its variant's: what ``widths`` rebuilds it from."""
+    reference = dict(CompactStudentModel(model.model_args["arch"], model.model_args["num_classes"],
+                                         pretrained_backbone=False).named_modules())
+    shape = lambda m: ([m.num_features] if isinstance(m, nn.BatchNorm2d)
+                       else [m.in_channels, m.out_channels])
+    return {name: shape(m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and shape(m) != shape(reference[name])}

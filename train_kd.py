@@ -13,6 +13,8 @@ checkpoints go to models/NAME_{best,last}.pth; plots to plots/.
     python train_kd.py --out response_kd --alpha 0.5 --tau 4 --epochs 30
     python train_kd.py --out feature_kd --beta 1.0 --epochs 30 --resume models/feature_kd_last.pth
     python train_kd.py --out pixel_pair_kd --w-pixel 100 --w-pair 1 --teacher deeplabv3_resnet50
+    python train_kd.py --out pruned_kd --init-from models/compressed/no_kd_last_pruned_channels_0.5.pth \
+        --teacher lite --teacher-weights models/no_kd_last.pth --alpha 0.5 --epochs 10
     torchrun --nproc_per_node=4 train_kd.py --out combined_kd --alpha 0.5 --beta 1 --sync-bn
 
 Ctrl-C or SIGTERM finishes the current step, writes NAME_last.pth (with the position inside
@@ -47,7 +49,7 @@ from engine import NonFiniteLoss, StepCheck, evaluate, train_one_epoch
 from files import StopRequest, save_json, torch_save
 from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
 from nets import (BASELINE_STUDENTS, STUDENT_ARCHS, TEACHER_ARCHS,
-                  build_student, read_checkpoint)
+                  build_student, model_from_checkpoint, read_checkpoint)
 from plots import plot_history
 
 POSITIVE_INT, POSITIVE = ranged(int, 1), ranged(float, 0, open_low=True)
@@ -92,6 +94,12 @@ def get_args_parser():
                    help="student: 'lite' (depthwise-separable), 'lab', or torchvision's "
                         "lraspp_mobilenet_v3_large as an off-the-shelf baseline (no feature "
                         "taps: logit terms only)")
+    g.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from the weights of this checkpoint (any this repo writes, a "
+                        "channel-pruned one included): the student is rebuilt from its "
+                        "model_args, overriding --student; optimizer and epochs start fresh. "
+                        "Fine-tuning a pruned student: --teacher lite --teacher-weights "
+                        "models/NAME_last.pth (the unpruned one)")
     g.add_argument("--no-pretrained-backbone", dest="pretrained_backbone", action="store_false",
                    help="start the student's MobileNetV3 backbone from random weights, not "
                         "ImageNet (default: ImageNet weights from torch's hub cache)")
@@ -278,9 +286,7 @@ def build_models(run):
     criterion's terms ask (losses.TERMS: what each reads)."""
     args, device = run.args, run.device
     seed_everything(args.seed)
-    # resuming: the backbone's weights come from the checkpoint, not the hub cache
-    student = build_student(args.student,
-                            pretrained_backbone=args.pretrained_backbone and run.resume is None)
+    student = initial_student(run)
     if run.resume is not None:
         check_resume_fits(run.resume, run.paths["resume"], student, args, run.log)
         # the backbone came from the run's first start: record what that start used
@@ -306,6 +312,28 @@ def build_models(run):
     run.log(f"student {args.student}: {count_params(student):,} inference parameters"
             + (f" (+{count_params(run.adapters):,} adapter parameters, training only)"
                if run.adapters else ""))
+
+
+def initial_student(run):
+    """The student before training: --init-from's checkpoint rebuilt with its weights (its
+    own architecture and widths), or a new --student, its backbone from ImageNet."""
+    args = run.args
+    if args.init_from is None:
+        # resuming: the backbone's weights come from the checkpoint, not the hub cache
+        return build_student(args.student,
+                             pretrained_backbone=args.pretrained_backbone and run.resume is None)
+    student, _ = model_from_checkpoint(args.init_from)
+    arch = student.model_args["arch"]
+    if arch not in STUDENT_ARCHS + BASELINE_STUDENTS:
+        raise UserError(f"--init-from {args.init_from}: a {arch} is not a student this script "
+                        f"trains; pass a checkpoint of {', '.join(STUDENT_ARCHS + BASELINE_STUDENTS)}")
+    if arch != args.student:
+        run.log(f"--init-from: the student is the checkpoint's {arch} (not --student {args.student})")
+        args.student = arch
+        check_args(args)  # the terms that read taps, against the student actually trained
+    run.log(f"--init-from: weights of {args.init_from}"
+            + (" (channel-pruned widths)" if "widths" in student.model_args else ""))
+    return student
 
 
 def restore(run):

@@ -52,7 +52,8 @@ SHRINK = {  # script -> flags appended to its lines: fewer epochs, images, runs,
                     "--runs", "1", "--warmup", "0"],
     "report.py": [],
 }
-OPTIONAL_INSTALLED = all(find_spec(m) for m in ("torchao", "onnx", "onnxscript", "onnxruntime"))
+OPTIONAL_INSTALLED = all(find_spec(m) for m in ("torchao", "torch_pruning", "onnx",
+                                                "onnxscript", "onnxruntime"))
 
 
 def lab_lines(name):

@@ -262,6 +262,8 @@ class _TinyNet(nn.Module):
     the train_kd runs further down."""
 
     FEATURE_CHANNELS = {"low": 4, "mid": 6, "high": 8}
+    # a compact model carries its taps' widths itself (a pruned one has narrower ones)
+    feature_channels, preact_channels = FEATURE_CHANNELS, 5
 
     def __init__(self, classes=21):
         super().__init__()
