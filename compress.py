@@ -184,7 +184,8 @@ def compile_frozen(model):
     Compiled once for every image size (tests/test_compress.py counts the compilations):
     the global pools made opaque (``opaque_pools``, for exported graphs), and no duck
     sizing, by which dynamo gives height and width one symbol when the first image is
-    square, and compiles again at the first that is not.
+    square, and compiles again at the first that is not. Inference only: the inputs are
+    made inference tensors (a copy of 3*H*W floats where they are not).
     """
     import torch._inductor.config as inductor_config
     from torch.fx.experimental import _config as shape_config
@@ -195,8 +196,10 @@ def compile_frozen(model):
     compiled = torch.compile(model, dynamic=True)  # val images come in many sizes
 
     def run(x):
-        with shape_config.patch(use_duck_shape=False):  # read when a compilation starts
-            return compiled(x)
+        # duck sizing is read when a compilation starts; and dynamo guards on whether x is an
+        # inference tensor (made under inference mode, as evaluate's are) or not (the sweep's)
+        with shape_config.patch(use_duck_shape=False), torch.inference_mode():
+            return compiled(x if x.is_inference() else x.clone())
     return run
 
 

@@ -92,8 +92,9 @@ def tiny_int8():
 
 
 def test_compiled_int8_compiles_once_for_every_image_size(tiny_int8):
-    """A square first image (duck sizing) and pools on both sides of inductor's 4096-element
-    reduction split each used to compile the whole network again."""
+    """A square first image (duck sizing), pools on both sides of inductor's 4096-element
+    reduction split, and an input made outside inference mode each used to compile the whole
+    network again."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -109,6 +110,7 @@ def test_compiled_int8_compiles_once_for_every_image_size(tiny_int8):
             out = compiled(x)
             assert out.shape == (1, 3, h, w)
             assert (out - reference(x)).abs().mean() < 0.02  # int8 kernels round a step apart
+    assert compiled(torch.randn(1, 3, 150, 170)).shape == (1, 3, 150, 170)  # not an inference
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
