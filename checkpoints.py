@@ -129,11 +129,14 @@ def check_resume_fits(ckpt, path, student, args, log):
     wanted = dict(student.model_args)
     if saved and saved != wanted:
         fix = (f"resume with --student {saved.get('arch')}" if saved.get("arch") != wanted["arch"]
-               else f"pass a checkpoint with {wanted['num_classes']} classes")
-        raise UserError(f"{path}: checkpoint is a {saved.get('arch')} with "
+               else f"pass a checkpoint with {wanted['num_classes']} classes"
+               if saved.get("num_classes") != wanted["num_classes"]
+               else "resume with the run's own --init-from (the layer widths differ)")
+        pruned = lambda model_args: "channel-pruned " if model_args.get("widths") else ""
+        raise UserError(f"{path}: checkpoint is a {pruned(saved)}{saved.get('arch')} with "
                         f"{saved.get('num_classes')} classes, but this run trains a "
-                        f"{wanted['arch']} with {wanted['num_classes']}; {fix}, or start a new "
-                        "--out")
+                        f"{pruned(wanted)}{wanted['arch']} with {wanted['num_classes']}; {fix}, "
+                        "or start a new --out")
     as_json = lambda v: json.dumps(list(v) if isinstance(v, tuple) else v)
     old, new = ckpt.get("args") or {}, vars(args)
     differ = [f"--{k.replace('_', '-')} {as_json(old[k])} -> {as_json(new[k])}"

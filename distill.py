@@ -28,7 +28,8 @@ from student_model import CompactStudentModel
 # of the last layer before the classifier (the pixel-wise loss L_pi): the BatchNorm of the
 # head's last 3x3 conv (FCNHead: classifier.1, 512 ch; DeepLabHead: classifier.2, 256 ch),
 # the counterpart of the student's last refinement BN. The compact students return their
-# taps themselves (``forward(return_features=True, return_preact=True)``): node None.
+# taps themselves (``forward(return_features=True, return_preact=True)``): node None; their
+# widths here are the unpruned ones, a channel-pruned model's own are model.feature_channels.
 RESNET_TAPS = dict(zip(FEATURE_TAPS, [("backbone.layer1", 256), ("backbone.layer2", 512),
                                       ("backbone.layer4", 2048)]))
 TAPS = {

@@ -316,7 +316,8 @@ def build_models(run):
 
 def initial_student(run):
     """The student before training: --init-from's checkpoint rebuilt with its weights (its
-    own architecture and widths), or a new --student, its backbone from ImageNet."""
+    own architecture and widths), or a new --student (its backbone from ImageNet unless
+    --no-pretrained-backbone)."""
     args = run.args
     if args.init_from is None:
         # resuming: the backbone's weights come from the checkpoint, not the hub cache

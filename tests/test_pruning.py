@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import compress
 import train_kd
+from cli import UserError
 from compute import count_params
 from nets import build_model, load_model, model_from_checkpoint
 
@@ -125,3 +126,8 @@ def test_init_from_fine_tunes_the_pruned_student_with_the_unpruned_one_teaching(
     history = (tmp_path / "outputs/pruned_kd/history.jsonl").read_text().splitlines()
     record = json.loads(history[-1])
     assert record["loss_kd"] > 0 and record["loss_feat"] > 0
+    # resuming it without --init-from would build an unpruned student: refused, saying why
+    plain = train_kd.get_args_parser().parse_args(train_flags(
+        synth_root, tmp_path, "--out", "pruned_kd", "--limit-train", "8", "--resume", "auto"))
+    with pytest.raises(UserError, match="channel-pruned lite .* own --init-from"):
+        train_kd.main(plain)
