@@ -483,8 +483,8 @@ def main(args):
                   "max_abs_diff"), "git": git_revision(),
               "quantization_api": "torch.export + torchao.quantization.pt2e (prepare_pt2e/"
                                   "convert_pt2e, X86InductorQuantizer)",
-              "fine_tuning": "not run: train_kd.py has no flag to start from a pruned "
-                             "checkpoint and would not keep the pruning masks",
+              "fine_tuning": "not run here: fine-tune a pruned checkpoint with train_kd.py "
+                             "--init-from PATH (docs/compression.md)",
               "size_sweep": sweep, "rows": rows, "table_markdown": table}
     save_json(result, args.json)
     print(f"results written to {args.json}; files in {out_dir}/")
