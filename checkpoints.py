@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError
+from data import VOC_CLASSES
 from files import atomic_write, torch_save
 
 # train_kd.py's flags that leave what a run trains alone: where files go, how the run is
@@ -49,9 +50,27 @@ class Interrupted(Exception):
 
 # --------------------------------------------------------------------------- the schema
 
+def default_class_names(num_classes):
+    """The names of a model's classes where nothing records others: VOC's for 21 classes."""
+    if num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return [f"class {k}" for k in range(num_classes)]
+
+
 def model_record(model, **extra):
-    """The part of every checkpoint that rebuilds the model alone (nets.model_from_checkpoint)."""
-    return {"model": model.state_dict(), "model_args": dict(model.model_args), **extra}
+    """The part of every checkpoint that rebuilds the model alone (nets.model_from_checkpoint),
+    and ``class_names``, which predict.py names what it finds with (a model's own
+    ``class_names`` attribute where it has one)."""
+    names = getattr(model, "class_names", None) or default_class_names(
+        model.model_args["num_classes"])
+    return {"model": model.state_dict(), "model_args": dict(model.model_args),
+            "class_names": list(names), **extra}
+
+
+def recorded_class_names(ckpt):
+    """A checkpoint's class names; VOC's (``default_class_names``) for one that predates them."""
+    return list(ckpt.get("class_names")
+                or default_class_names(ckpt["model_args"].get("num_classes", len(VOC_CLASSES))))
 
 
 def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou,

@@ -355,7 +355,7 @@ def save_mask(label, path):
     """Save a (H, W) uint8 label array as a VOC palette PNG (indices kept as they are)."""
     mask = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
     mask.putpalette(voc_palette().flatten().tolist())  # without one, Pillow renumbers indices
-    mask.save(path)
+    mask.save(path, format="PNG")  # named: a temporary file's suffix is not .png
 
 
 def check_tree(root, splits=("train", "val"), progress=True):

@@ -200,6 +200,15 @@ def colorize(label):
     return voc_palette()[np.asarray(label, dtype=np.uint8)]
 
 
+def blend(image, label, alpha=0.55):
+    """(H, W, 3) uint8: ``label`` in the VOC palette over ``image``; objects and void are
+    tinted, background keeps the photo visible."""
+    image = np.asarray(image, dtype=np.float32)
+    tinted = np.asarray(label)[..., None] != 0
+    out = np.where(tinted, (1 - alpha) * image + alpha * colorize(label), image)
+    return out.clip(0, 255).astype(np.uint8)
+
+
 def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, alpha=0.55):
     """[image | ground truth | prediction] with masks blended on the image, plus a legend.
 
@@ -208,15 +217,11 @@ def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, a
     image = np.asarray(image, dtype=np.float32)
     target, pred = np.asarray(target), np.asarray(pred)
 
-    def blend(label):  # colour the objects and void; background keeps the photo visible
-        tinted = label[..., None] != 0
-        out = np.where(tinted, (1 - alpha) * image + alpha * colorize(label), image)
-        return out.clip(0, 255).astype(np.uint8)
-
     present = sorted(set(np.unique(target).tolist()) | set(np.unique(pred).tolist()))
     present = [c for c in present if c != IGNORE_INDEX and c < len(class_names)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
-    for ax, panel, label in zip(axes, (image.astype(np.uint8), blend(target), blend(pred)),
+    for ax, panel, label in zip(axes, (image.astype(np.uint8), blend(image, target, alpha),
+                                       blend(image, pred, alpha)),
                                 ("image", "ground truth", "prediction")):
         ax.imshow(panel)
         ax.set_title(label)
