@@ -70,7 +70,7 @@ def get_args_parser():
     # how it runs
     add_compute_flags(parser, workers=False)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar and no per-image lines (for log files)")
+                        help="no progress bar (for log files)")
     parser.add_argument("--benchmark", action="store_true",
                         help="instead of predicting: the model's own images/s against "
                              "predict's (loading, predicting, writing), interleaved, on INPUTs")
@@ -375,8 +375,7 @@ def run_one(model, path, name, out, args, names, device):
         record = predict_image(model, path, paths, names, device, args.max_side)
         top = ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(record["classes"].items())[:3])
         line = f"{record['width']}x{record['height']}, {record['ms']:.0f} ms: {top}"
-    if args.progress:
-        tqdm.write(f"{path}: {line}")
+    tqdm.write(f"{path}: {line}")
     return record
 
 
