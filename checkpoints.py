@@ -2,7 +2,7 @@
 
 One schema for every checkpoint this repo writes (``model_record``, ``checkpoint_state``):
 ``model`` (a state dict) and ``model_args`` (``{'arch', 'num_classes'}``), so a checkpoint
-rebuilds its model alone; a training checkpoint adds what resuming needs: optimizer,
+rebuilds its model alone, and ``class_names`` (predict.py's names); a training checkpoint adds what resuming needs: optimizer,
 scheduler, scaler, finished ``epoch``, ``args``, ``best_miou``, the adapters, and for a run
 stopped mid-epoch a ``partial`` record (step, loss sums, the random state of every process).
 

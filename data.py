@@ -11,6 +11,7 @@ small VOC-format tree so that everything runs offline.
     python data.py check --data-root data/synth            # load every file once, report problems
 """
 import argparse
+import functools
 import shlex
 import signal
 from pathlib import Path
@@ -37,6 +38,12 @@ VOC_CLASSES = (
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=1)
+def voc_palette_bytes():
+    """``voc_palette()`` as the 768 bytes Pillow's ``putpalette`` takes, computed once."""
+    return voc_palette().tobytes()
 
 
 def voc_palette():
@@ -354,7 +361,7 @@ def loader(dataset, batch_size, sampler, workers, pin_memory=False, drop_last=Fa
 def save_mask(label, path):
     """Save a (H, W) uint8 label array as a VOC palette PNG (indices kept as they are)."""
     mask = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
-    mask.putpalette(voc_palette().flatten().tolist())  # without one, Pillow renumbers indices
+    mask.putpalette(voc_palette_bytes())  # without one, Pillow renumbers indices
     mask.save(path, format="PNG")  # named: a temporary file's suffix is not .png
 
 

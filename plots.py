@@ -13,12 +13,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
 from cli import HelpFormatter  # noqa: E402
-from data import IGNORE_INDEX, VOC_CLASSES, voc_palette  # noqa: E402
+from data import IGNORE_INDEX, VOC_CLASSES, voc_palette, voc_palette_bytes  # noqa: E402
 
 
 def fit_title(ax, text, fontsize=10):
@@ -202,11 +203,17 @@ def colorize(label):
 
 def blend(image, label, alpha=0.55):
     """(H, W, 3) uint8: ``label`` in the VOC palette over ``image``; objects and void are
-    tinted, background keeps the photo visible."""
-    image = np.asarray(image, dtype=np.float32)
-    tinted = np.asarray(label)[..., None] != 0
-    out = np.where(tinted, (1 - alpha) * image + alpha * colorize(label), image)
-    return out.clip(0, 255).astype(np.uint8)
+    tinted, background keeps the photo visible. Pillow's blend and composite: a few
+    milliseconds, which predict.py spends on every image (numpy's took four times more)."""
+    image = np.asarray(image)
+    photo = Image.fromarray(image if image.dtype == np.uint8 else
+                            image.clip(0, 255).astype(np.uint8))
+    label = Image.fromarray(np.asarray(label, dtype=np.uint8))
+    colours = label.copy()
+    colours.putpalette(voc_palette_bytes())  # L -> P: each index drawn in its colour
+    tinted = label.point(lambda v: 255 if v else 0)
+    return np.asarray(Image.composite(Image.blend(photo, colours.convert("RGB"), alpha), photo,
+                                      tinted))
 
 
 def save_overlay(image, target, pred, path, title="", class_names=VOC_CLASSES, alpha=0.55):

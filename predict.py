@@ -12,11 +12,14 @@ NAME_overlay.mp4 at the same size and frame rate. From Python: ``predict.segment
 pil_image)`` (docs/predict.md).
 """
 import argparse
+import contextlib
 import glob
+import io
 import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -255,15 +258,40 @@ def write_outputs(paths, rgb, mask, logits):
     atomic_write(paths["mask"], lambda tmp: save_mask(mask, tmp))
 
 
-def predict_image(model, path, paths, names, device, max_side):
-    """Segment one image file and write its outputs; returns its predictions.json record."""
+class Writer:
+    """Writes an image's files on a thread while the next image is predicted (numpy and
+    Pillow's PNG encoder release the GIL). One image's files wait at most; an error in
+    writing is raised in the caller at the next ``submit`` or at ``close``."""
+
+    def __init__(self):
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), None
+
+    def submit(self, fn, *args):
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+def predict_image(model, path, paths, names, device, max_side, writer):
+    """Segment one image file and hand its outputs to ``writer``; returns its
+    predictions.json record (``ms``: decoding and predicting)."""
     start = time.perf_counter()
     rgb = open_image(path)
     model_start = time.perf_counter()
     logits = predict_logits(model, rgb, device, max_side)
     mask = class_map(logits)[0].to(torch.uint8).cpu().numpy()
     model_ms = 1000 * (time.perf_counter() - model_start)
-    write_outputs(paths, rgb, mask, logits)
+    writer.submit(write_outputs, paths, rgb, mask, logits)
     return {"source": str(path), "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
             "ms": round(1000 * (time.perf_counter() - start), 2), "model_ms": round(model_ms, 2),
             "classes": found_classes(mask, names),
@@ -321,30 +349,32 @@ def predict_video(model, path, dst, device, max_side=None, progress=True):
 
 # --------------------------------------------------------------------------- benchmark
 
-def benchmark(model, inputs, names, device, rounds):
-    """images/s of the model alone (its forward on the preprocessed image, as evaluate.py
-    times it) and of predict (decode, predict, write the outputs to a temporary folder),
-    interleaved image by image in one process after an untimed round, at batch 1."""
-    images = [p for p, _ in inputs if p.suffix.lower() not in VIDEO_SUFFIXES]
+def benchmark(model, inputs, names, device, args):
+    """images/s of the model alone (its forward on each preprocessed image, as evaluate.py
+    times it) and of predict as it runs (decoding, predicting, writing every output into a
+    temporary folder, printing), at batch 1, interleaved round by round in one process
+    after an untimed round of each."""
+    inputs = [(p, n) for p, n in inputs if p.suffix.lower() not in VIDEO_SUFFIXES]
     batches = [to_model_input(torch.from_numpy(open_image(p)).permute(2, 0, 1)[None],
-                              device=device) for p in images]
-    wants = argparse.Namespace(save_logits=False, save_probs=False)
+                              device=device) for p, _ in inputs]
+    run_args = argparse.Namespace(**{**vars(args), "overwrite": True, "progress": False})
     seconds = {"model": 0.0, "predict": 0.0}
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for r in range(rounds + 1):
-            for i, (path, x) in enumerate(zip(images, batches)):
-                paths = output_paths(Path(tmp), f"{i}", wants)
-                model_s = timed(lambda: logits_of(model(x)), device)[1]
-                predict_s = timed(lambda: predict_image(model, path, paths, names, device, None),
-                                  device)[1]
-                if r:  # round 0 warms up
-                    seconds["model"] += model_s
-                    seconds["predict"] += predict_s
-    result = {kind: len(images) * rounds / s for kind, s in seconds.items()}
-    result.update(ratio=result["predict"] / result["model"], images=len(images), rounds=rounds,
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds + 1):
+            with torch.inference_mode():
+                model_s = timed(lambda: [logits_of(model(x)) for x in batches], device)[1]
+            with contextlib.redirect_stdout(io.StringIO()):  # its per-image lines, unseen
+                predict_s = timed(lambda: predict_all(model, inputs, Path(tmp), run_args, names,
+                                                      device), device)[1]
+            if r:  # round 0 warms up
+                seconds["model"] += model_s
+                seconds["predict"] += predict_s
+    images, rounds = len(inputs), args.rounds
+    result = {kind: images * rounds / s for kind, s in seconds.items()}
+    result.update(ratio=result["predict"] / result["model"], images=images, rounds=rounds,
                   hardware=device_name(device), threads=torch.get_num_threads())
     print(f"model alone {result['model']:.2f} images/s, predict.py {result['predict']:.2f} "
-          f"images/s writing its outputs: {100 * result['ratio']:.1f}% ({len(images)} images x "
+          f"images/s writing its outputs: {100 * result['ratio']:.1f}% ({images} images x "
           f"{rounds} rounds, batch 1, {result['hardware']}, {result['threads']} threads)")
     return result
 
@@ -359,8 +389,8 @@ def read_predictions(path):
         return {}
 
 
-def run_one(model, path, name, out, args, names, device):
-    """Predict one input; returns (its record, or None when skipped as done)."""
+def run_one(model, path, name, out, args, names, device, writer):
+    """Predict one input; returns its record, or None when skipped as done."""
     if path.suffix.lower() in VIDEO_SUFFIXES:
         dst = out / f"{name}_overlay.mp4"
         if dst.exists() and not args.overwrite:
@@ -372,7 +402,7 @@ def run_one(model, path, name, out, args, names, device):
         paths = output_paths(out, name, args)
         if all(p.exists() for p in paths.values()) and not args.overwrite:
             return None
-        record = predict_image(model, path, paths, names, device, args.max_side)
+        record = predict_image(model, path, paths, names, device, args.max_side, writer)
         top = ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(record["classes"].items())[:3])
         line = f"{record['width']}x{record['height']}, {record['ms']:.0f} ms: {top}"
     tqdm.write(f"{path}: {line}")
@@ -383,10 +413,11 @@ def predict_all(model, inputs, out, args, names, device):
     """Every input in turn; returns (records by name, skipped count, bad count)."""
     records, skipped, bad = read_predictions(out / "predictions.json"), 0, 0
     bar = tqdm(inputs, desc="predict", unit="file", disable=not args.progress)
+    writer = Writer()
     try:
         for path, name in bar:
             try:
-                record = run_one(model, path, name, out, args, names, device)
+                record = run_one(model, path, name, out, args, names, device, writer)
             except UserError as exc:
                 bad += 1
                 tqdm.write(f"predict: {path}: {one_line(exc)}", file=sys.stderr)
@@ -397,6 +428,7 @@ def predict_all(model, inputs, out, args, names, device):
                 records[name] = record
     finally:
         bar.close()
+        writer.close()
         save_json({"model": str(args.model_path), "class_names": names, "images": records},
                   out / "predictions.json")
     return records, skipped, bad
@@ -414,7 +446,7 @@ def main(args):
     print(f"device: {device}; " + set_compute_resources(args, device))
     model, names = load_predictor(args.model_path, device)
     if args.benchmark:
-        return benchmark(model, inputs, names, device, args.rounds)
+        return benchmark(model, inputs, names, device, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
