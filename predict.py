@@ -16,9 +16,11 @@ import contextlib
 import glob
 import io
 import json
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -244,12 +246,27 @@ def save_npy(array, path):
         np.save(f, array)
 
 
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def rgb_png(rgb):
+    """The PNG file of an (H, W, 3) uint8 image: every row stored as its difference from the
+    row above (PNG's "Up" filter), deflated at level 1. Half the time of Pillow's adaptive
+    filters at the same size; writing the overlay was most of predict's cost per image."""
+    height, width = rgb.shape[:2]
+    rows = np.ascontiguousarray(rgb).reshape(height, 3 * width)
+    up = np.diff(rows, axis=0, prepend=np.zeros((1, 3 * width), np.uint8))  # modulo 256
+    raw = np.concatenate([np.full((height, 1), 2, np.uint8), up], axis=1)  # 2: "Up"
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + png_chunk(b"IEND", b""))
+
+
 def write_outputs(paths, rgb, mask, logits):
     """The files of one image; the mask goes last, so that a killed run never leaves a
     mask whose image a rerun would skip with its overlay missing."""
-    def save_png(image, path):
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
-    save_png(Image.fromarray(blend(rgb, mask)), paths["overlay"])
+    atomic_write(paths["overlay"], lambda tmp: Path(tmp).write_bytes(rgb_png(blend(rgb, mask))))
     for kind in ("logits", "probs"):
         if kind in paths:
             values = logits[0] if kind == "logits" else logits[0].float().softmax(0)

@@ -20,6 +20,7 @@ from checkpoints import default_class_names, model_record
 from cli import UserError
 from conftest import REPO, split_ids, voc_dir
 from nets import build_model, model_from_checkpoint
+from plots import blend
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,8 @@ def test_the_real_photograph_at_full_size_with_its_json(checkpoint, model, photo
     mask = read_mask(tmp_path / "grace_hopper_mask.png")
     assert mask.shape == photo.shape[:2] == (600, 512)
     np.testing.assert_array_equal(mask, segment_array(model, photo))
+    with Image.open(tmp_path / "grace_hopper_overlay.png") as overlay:
+        np.testing.assert_array_equal(np.array(overlay), blend(photo, mask))
     record = records["grace_hopper"]
     assert (record["width"], record["height"]) == (512, 600) and record["ms"] > 0
     assert sum(record["classes"].values()) == pytest.approx(1, abs=1e-4)
