@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from checkpoints import default_class_names, recorded_class_names
-from cli import HelpFormatter, UserError, one_line, run_cli
+from cli import HelpFormatter, UserError, one_line, ranged, run_cli
 from compute import (add_compute_flags, device_name, resolve_device, set_compute_resources,
                      timed)
 from data import save_mask, to_model_input
@@ -64,12 +64,12 @@ def get_args_parser():
                         help="folder for the masks, overlays and predictions.json; never inside "
                              "an input folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="redo images whose outputs exist (by default a rerun skips them)")
+                        help="redo images whose outputs exist (a rerun skips them otherwise)")
     parser.add_argument("--save-logits", action="store_true",
                         help="also write NAME_logits.npy (classes x H x W, float16)")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write NAME_probs.npy (softmax, classes x H x W, float16)")
-    parser.add_argument("--max-side", type=int, default=None,
+    parser.add_argument("--max-side", type=ranged(int, 1), default=None,
                         help="resize larger images to this longest side for the network; the "
                              "logits are upsampled bilinearly, so the mask keeps the original size")
     # how it runs
@@ -79,7 +79,7 @@ def get_args_parser():
     parser.add_argument("--benchmark", action="store_true",
                         help="instead of predicting: the model's own images/s against "
                              "predict's (loading, predicting, writing), interleaved, on INPUTs")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=ranged(int, 1), default=3,
                         help="with --benchmark: interleaved rounds of each")
     return parser
 

@@ -281,3 +281,11 @@ def test_the_docs_snippet_runs_as_written(checkpoint, tmp_path, monkeypatch):
     exec(compile(snippets[0], "docs/predict.md", "exec"), namespace)
     assert namespace["mask"].shape == (30, 40) and namespace["mask"].dtype == np.uint8
     assert (tmp_path / "holiday_mask.png").is_file()
+
+
+def test_a_teacher_by_name_predicts_with_its_default_weights(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(hub_cache))  # torchvision's file names, offline
+    Image.new("RGB", (21, 17), (90, 140, 60)).save(tmp_path / "field.png")
+    records = run("fcn_resnet50", tmp_path / "field.png", "--out", tmp_path / "out")
+    assert read_mask(tmp_path / "out" / "field_mask.png").shape == (17, 21)
+    assert set(records["field"]["classes"]) <= set(default_class_names(21))
