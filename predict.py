@@ -333,34 +333,43 @@ def segment_frames(model, container, device, max_side=None):
         yield rgb, mask.to(torch.uint8).cpu().numpy()
 
 
-def predict_video(model, path, dst, device, max_side=None, progress=True):
-    """Write the overlaid video of ``path`` to ``dst`` (H.264, same size and frame rate)."""
-    av = import_av()
-    start, frames = time.perf_counter(), 0
-    with av.open(str(path)) as source:
-        stream = source.streams.video[0]
-        rate, total = stream.average_rate or stream.guessed_rate, stream.frames or None
-        width, height = stream.codec_context.width, stream.codec_context.height
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent)) / dst.name
-        with av.open(str(tmp), "w") as sink:
-            out = sink.add_stream("libx264", rate=rate)
-            # 4:2:0 needs even sides; 4:4:4 keeps an odd-sized video its own size
-            out.width, out.height = width, height
-            out.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-            bar = tqdm(total=total, desc=path.name, unit="frame", disable=not progress,
-                       leave=False)
+def encode_overlay(av, model, source, dst, device, max_side, progress):
+    """Write the overlay of every frame of ``source`` to ``dst`` at the source's size and
+    frame rate (H.264; 4:2:0 needs even sides, 4:4:4 keeps an odd-sized video its size)."""
+    stream = source.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    width, height = stream.codec_context.width, stream.codec_context.height
+    frames = 0
+    with av.open(str(dst), "w") as sink:
+        out = sink.add_stream("libx264", rate=rate)
+        out.width, out.height = width, height
+        out.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        with tqdm(total=stream.frames or None, desc=Path(source.name).name, unit="frame",
+                  disable=not progress, leave=False) as bar:
             for rgb, mask in segment_frames(model, source, device, max_side):
-                frame = av.VideoFrame.from_ndarray(blend(rgb, mask), format="rgb24")
-                sink.mux(out.encode(frame))
+                sink.mux(out.encode(av.VideoFrame.from_ndarray(blend(rgb, mask), format="rgb24")))
                 frames += 1
                 bar.update()
-            sink.mux(out.encode())
-            bar.close()
-    tmp.replace(dst)
-    tmp.parent.rmdir()
+        sink.mux(out.encode())
+    return {"width": width, "height": height, "fps": float(rate), "frames": frames}
+
+
+def predict_video(model, path, dst, device, max_side=None, progress=True):
+    """Write the overlaid video of ``path`` to ``dst``; returns its predictions.json record.
+    It is written to a temporary folder first: a broken or stopped video leaves no ``dst``
+    that a rerun would skip."""
+    av = import_av()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        try:
+            with av.open(str(path)) as source:
+                record = encode_overlay(av, model, source, Path(tmp) / dst.name, device,
+                                        max_side, progress)
+        except (av.FFmpegError, IndexError) as exc:  # IndexError: no video stream in it
+            raise UserError(f"cannot decode the video ({one_line(exc, 160)})") from None
+        (Path(tmp) / dst.name).replace(dst)
     seconds = time.perf_counter() - start
-    return {"source": str(path), "width": width, "height": height, "fps": float(rate),
-            "frames": frames, "frames_per_s": round(frames / seconds, 2) if seconds else None,
+    return {"source": str(path), **record, "frames_per_s": round(record["frames"] / seconds, 2),
             "files": {"video": dst.name}}
 
 

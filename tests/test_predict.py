@@ -213,9 +213,14 @@ def test_a_video_round_trips_with_each_frame_predicted_as_an_image(checkpoint, m
     frames = [np.roll(small, 6 * k, axis=1) for k in range(5)]
     clip = tmp_path / "clip.mp4"
     write_video(clip, frames, 12)
-    run(checkpoint, clip, "--out", tmp_path / "out")
-    printed = capsys.readouterr().out
-    assert "5 frames" in printed and "frames/s" in printed
+    (tmp_path / "broken.mp4").write_text("not a video\n")
+    with pytest.raises(UserError, match="1 of 2 inputs could not be read"):
+        run(checkpoint, clip, tmp_path / "broken.mp4", "--out", tmp_path / "out")
+    printed = capsys.readouterr()
+    assert "5 frames" in printed.out and "frames/s" in printed.out
+    assert f"predict: {tmp_path / 'broken.mp4'}: cannot decode the video" in printed.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_overlay.mp4",
+                                                                   "predictions.json"]
     out_frames, rate, size = decode_video(tmp_path / "out" / "clip_overlay.mp4")
     assert (len(out_frames), rate, size) == (5, 12, (65, 49))
     decoded, _, _ = decode_video(clip)
