@@ -126,7 +126,10 @@ def predict_logits(model, rgb, device="cpu", max_side=None):
 
 def segment(model, image, device="cpu", max_side=None):
     """The class of every pixel of a PIL ``image``: an (H, W) uint8 numpy array at the
-    image's displayed size (``to_rgb``), computed exactly as evaluate.py predicts."""
+    image's displayed size (``to_rgb``), computed exactly as evaluate.py predicts.
+
+    ``model``: any module on ``device`` (put in eval mode here) or callable that returns
+    logits or torchvision's ``{'out': logits}``; ``max_side`` as predict.py's --max-side."""
     rgb = to_rgb(image)
     return class_map(predict_logits(model, rgb, device, max_side))[0].to(torch.uint8).cpu().numpy()
 
