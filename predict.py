@@ -137,32 +137,34 @@ def segment(model, image, device="cpu", max_side=None):
 # --------------------------------------------------------------------------- models
 
 def load_predictor(spec, device):
-    """(model on ``device`` in eval mode, class names) for --model_path: a torchvision model
-    name, or a checkpoint file this repo writes."""
+    """(model in eval mode, class names, the device it runs on) for --model_path: a
+    torchvision model by name, or a file this repo writes (``runtimes.load_any``: a
+    checkpoint, compress.py's int8 .pt2 or .onnx, which run on the CPU)."""
     if spec in TORCHVISION_ARCHS and not Path(spec).exists():
         model, names = load_model(spec, "default"), default_class_names(21)
     elif not Path(spec).is_file():
         raise UserError(f"--model_path {spec}: no such file and no model name; pass a "
                         f"checkpoint (models/NAME_last.pth) or one of {', '.join(TORCHVISION_ARCHS)}")
-    elif Path(spec).suffix in (".pth", ".pt"):
-        model, ckpt = model_from_checkpoint(spec)
-        names = recorded_class_names(ckpt)
     else:
-        model, names = load_compressed(spec, device)
+        model, record, device = load_file(spec, device)
+        names = recorded_class_names(record)
     if isinstance(model, torch.nn.Module):
         model.to(device).eval()
-    return model, names
+    return model, names, device
 
 
-def load_compressed(path, device):
-    """A compressed form of compress.py (.pt2 int8, .onnx) through ``runtimes.load_any``."""
+def load_file(path, device):
+    """(model, its checkpoint or metadata record, device) through runtimes.py where it
+    exists; without it only checkpoints load."""
     try:
-        from runtimes import load_any
+        from runtimes import load_any, model_format, runs_on
     except ImportError:
-        raise UserError(f"--model_path {path}: only checkpoints (.pth) and model names load in "
-                        "this version; compressed forms need runtimes.py") from None
-    model, info = load_any(path, device)
-    return model, list(info.get("class_names") or default_class_names(21))
+        if Path(path).suffix.lower() not in (".pth", ".pt"):
+            raise UserError(f"--model_path {path}: only checkpoints (.pth) and model names load "
+                            "in this version") from None
+        return (*model_from_checkpoint(path), device)
+    model, record = load_any(path)
+    return model, record, runs_on(model_format(path), device)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -473,7 +475,7 @@ def main(args):
         import_av()  # before anything is written
     device = resolve_device(args.device)
     print(f"device: {device}; " + set_compute_resources(args, device))
-    model, names = load_predictor(args.model_path, device)
+    model, names, device = load_predictor(args.model_path, device)
     if args.benchmark:
         return benchmark(model, inputs, names, device, args)
     out = Path(args.out)
