@@ -294,3 +294,18 @@ def test_a_teacher_by_name_predicts_with_its_default_weights(hub_cache, tmp_path
     records = run("fcn_resnet50", tmp_path / "field.png", "--out", tmp_path / "out")
     assert read_mask(tmp_path / "out" / "field_mask.png").shape == (17, 21)
     assert set(records["field"]["classes"]) <= set(default_class_names(21))
+
+
+def test_the_command_exits_non_zero_with_the_count(checkpoint, tmp_path):
+    import subprocess
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path", str(checkpoint),
+                           str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                           "--threads", "1", "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith(f"predict: {tmp_path / 'in' / 'bad.png'}: ")
+    assert lines[-1].startswith("error: 1 of 2 inputs could not be read")
+    assert (tmp_path / "out" / "good_mask.png").is_file()
