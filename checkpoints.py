@@ -2,9 +2,10 @@
 
 One schema for every checkpoint this repo writes (``model_record``, ``checkpoint_state``):
 ``model`` (a state dict) and ``model_args`` (``{'arch', 'num_classes'}``), so a checkpoint
-rebuilds its model alone, and ``class_names`` (predict.py's names); a training checkpoint adds what resuming needs: optimizer,
-scheduler, scaler, finished ``epoch``, ``args``, ``best_miou``, the adapters, and for a run
-stopped mid-epoch a ``partial`` record (step, loss sums, the random state of every process).
+rebuilds its model alone, and ``class_names`` (the names predict.py reports); a training
+checkpoint adds what resuming needs: optimizer, scheduler, scaler, finished ``epoch``,
+``args``, ``best_miou``, the adapters, and for a run stopped mid-epoch a ``partial`` record
+(step, loss sums, the random state of every process).
 
 Stop and resume: Ctrl-C or SIGTERM asks the training loop to stop after its step
 (``files.StopRequest``); the loop raises ``Interrupted`` with the partial record,

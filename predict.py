@@ -1,8 +1,9 @@
-"""Segment your own photos, folders and videos with any trained model: a train_kd.py
-checkpoint or a torchvision model by name (its default weights).
+"""Segment your own photos, folders and videos with any model the lab writes: a train_kd.py
+checkpoint, a compressed form of compress.py, or a torchvision model by name (its default
+weights).
 
     python predict.py --model_path models/combined_kd_last.pth holiday.jpg
-    python predict.py --model_path fcn_resnet50 photos/ "more/*.png" --out outputs/mine --max-side 1024
+    python predict.py --model_path fcn_resnet50 photos/ "more/*.png" --max-side 1024
     python predict.py --model_path models/no_kd_last.pth clip.mp4   # needs: pip install av
 
 Per image, in --out: NAME_mask.png (VOC palette PNG of class indices, the image's displayed
@@ -57,8 +58,9 @@ def get_args_parser():
                         help="images, folders (searched recursively for image and video files), "
                              "globs, or videos (.mp4 and the like)")
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
-                        help="a train_kd.py checkpoint (models/NAME_last.pth), or a torchvision "
-                             f"model by name with its default weights ({', '.join(TORCHVISION_ARCHS)})")
+                        help="a train_kd.py checkpoint (models/NAME_last.pth), a compressed "
+                             "form of compress.py, or a torchvision model by name with its "
+                             f"default weights ({', '.join(TORCHVISION_ARCHS)})")
     # what it writes
     parser.add_argument("--out", default="outputs/predict",
                         help="folder for the masks, overlays and predictions.json; never inside "
@@ -144,7 +146,8 @@ def load_predictor(spec, device):
         model, names = load_model(spec, "default"), default_class_names(21)
     elif not Path(spec).is_file():
         raise UserError(f"--model_path {spec}: no such file and no model name; pass a "
-                        f"checkpoint (models/NAME_last.pth) or one of {', '.join(TORCHVISION_ARCHS)}")
+                        "checkpoint (models/NAME_last.pth) or one of "
+                        f"{', '.join(TORCHVISION_ARCHS)}")
     else:
         model, record, device = load_file(spec, device)
         names = recorded_class_names(record)

@@ -5,7 +5,6 @@ everywhere, which no rotation or conversion could change)."""
 import io
 import re
 import sys
-from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
@@ -155,7 +154,8 @@ def test_the_real_photograph_at_full_size_with_its_json(checkpoint, model, photo
 
 def test_max_side_predicts_small_and_returns_the_original_size(checkpoint, model, photo, tmp_path):
     Image.fromarray(photo).save(tmp_path / "p.png")
-    run(checkpoint, tmp_path / "p.png", "--out", tmp_path / "out", "--max-side", 64, "--save-logits")
+    run(checkpoint, tmp_path / "p.png", "--out", tmp_path / "out", "--max-side", 64,
+        "--save-logits")
     mask = read_mask(tmp_path / "out" / "p_mask.png")
     assert mask.shape == (600, 512)
     logits = np.load(tmp_path / "out" / "p_logits.npy")
@@ -203,7 +203,8 @@ def decode_video(path):
     with av.open(str(path)) as source:
         stream = source.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in source.decode(video=0)]
-        return frames, stream.average_rate, (stream.codec_context.width, stream.codec_context.height)
+        size = (stream.codec_context.width, stream.codec_context.height)
+        return frames, stream.average_rate, size
 
 
 def test_a_video_round_trips_with_each_frame_predicted_as_an_image(checkpoint, model, photo,
@@ -301,9 +302,10 @@ def test_the_command_exits_non_zero_with_the_count(checkpoint, tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (10, 10)).save(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path", str(checkpoint),
-                           str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu",
-                           "--threads", "1", "--no-progress"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path",
+                           str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu", "--threads", "1", "--no-progress"],
+                          capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[0].startswith(f"predict: {tmp_path / 'in' / 'bad.png'}: ")
