@@ -212,17 +212,20 @@ def ov_int8_model(ov_model, calib, preset):
 
 
 def runtime_layers(compiled, source):
-    """The compiled model's executed layers: counts by (layer type, runtime precision), and
-    where each hard-swish / hard-sigmoid of ``source`` (the ov.Model compiled) went: a layer
-    of its own, or fused into a layer of another type (the runtime layer's
-    originalLayersNames lists the source ops it runs)."""
+    """The compiled model's executed layers: counts by (layer type, runtime precision), the
+    kernels of its convolutions, and where each hard-swish / hard-sigmoid of ``source`` (the
+    ov.Model compiled) went: a layer of its own, or fused into a layer of another type (a
+    runtime layer's originalLayersNames lists the source ops it runs)."""
     activations = {op.get_friendly_name(): op.get_type_name() for op in source.get_ordered_ops()
                    if op.get_type_name() in ("HSwish", "HSigmoid", "HardSigmoid")}
-    counts, placed = {}, {}
+    counts, placed, kernels = {}, {}, {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         key = f"{info['layerType'].astype(str)} {info['runtimePrecision'].astype(str)}"
         counts[key] = counts.get(key, 0) + 1
+        if key.startswith("Convolution"):  # the oneDNN kernel behind each convolution
+            kernel = f"{key} {info['primitiveType'].astype(str)}"
+            kernels[kernel] = kernels.get(kernel, 0) + 1
         names = [n for n in info["originalLayersNames"].astype(str).split(",") if n]
         for name in names:
             if name in activations:
@@ -230,6 +233,7 @@ def runtime_layers(compiled, source):
                 slot = f"{activations[name]} {where} {key}"
                 placed[slot] = placed.get(slot, 0) + 1
     return {"layers_by_type_and_precision": dict(sorted(counts.items())),
+            "convolution_kernels": dict(sorted(kernels.items())),
             "activations": dict(sorted(placed.items())),
             "activations_in_source": len(activations)}
 
