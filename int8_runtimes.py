@@ -5,9 +5,9 @@ PyTorch and >= 1.25x onnxruntime fp32?
 Candidates (random weights: speed does not depend on them; no mIoU here):
 
 - fp32: eager PyTorch (the reference of the 2.0x goal);
-- ort_fp32: onnxruntime on compress.export_onnx's file (compress.OnnxModel; the reference of
+- ort_fp32: onnxruntime on runtimes.export_onnx's file (runtimes.OnnxModel; the reference of
   the 1.25x goal);
-- pt2e_int8: compress.quantize_int8 + compress.compile_frozen, as compress.py runs it;
+- pt2e_int8: runtimes.quantize_int8 + runtimes.compile_frozen, as compress.py runs it;
 - ov_fp32: OpenVINO, openvino.convert_model of the same ONNX file, compiled for "CPU";
 - ov_int8 / ov_int8_mixed: that model quantised by NNCF post-training quantisation
   (nncf.quantize), default preset (symmetric) and QuantizationPreset.MIXED; the JSON lists
@@ -144,7 +144,7 @@ def cpu_facts():
 # --------------------------------------------------------------------------- candidates
 
 def pt2e_candidate(model, calib):
-    from compress import Frozen, compile_frozen, quantize_int8
+    from runtimes import Frozen, compile_frozen, quantize_int8
     return Frozen(compile_frozen(quantize_int8(model, calib))), \
         "PT2E static int8 (torchao X86InductorQuantizer), inductor with freezing"
 
@@ -257,7 +257,7 @@ def ov_candidate(name, ctx):
 def build_candidate(name, model, ctx):
     """{'model', 'note', ...} of one candidate (ctx: the ONNX file, calibration images,
     threads)."""
-    from compress import OnnxModel
+    from runtimes import OnnxModel
     if name == "fp32":
         return {"model": model, "note": "eager PyTorch, fp32"}
     if name == "pt2e_int8":
@@ -266,7 +266,7 @@ def build_candidate(name, model, ctx):
     if name == "ort_fp32":
         return {"model": OnnxModel(ctx["onnx"], ctx["threads"]),
                 "runtime_ops": ort_runtime_ops(ctx["onnx"], ctx["threads"]),
-                "note": "onnxruntime CPUExecutionProvider, fp32 (compress.OnnxModel)"}
+                "note": "onnxruntime CPUExecutionProvider, fp32 (runtimes.OnnxModel)"}
     if name.startswith("ort_int8"):
         path, excluded = ort_int8_file(ctx["onnx"], ctx["calib"], name.endswith("hswish"))
         return {"model": OnnxModel(path, ctx["threads"]), "excluded_nodes": excluded,
@@ -294,7 +294,7 @@ def build_candidates(model, args, work_dir):
                 f"not installed: {', '.join(dict.fromkeys(missing))}"
             continue
         if name.startswith(("ort", "ov")) and not ctx["onnx"].exists():
-            from compress import export_onnx
+            from runtimes import export_onnx
             export_onnx(model, ctx["calib"][0], ctx["onnx"])
         print(f"building {name}")
         try:
