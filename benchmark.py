@@ -34,30 +34,46 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import HelpFormatter, git_revision, markdown_table, run_cli
+from cli import HelpFormatter, UserError, git_revision, markdown_table, run_cli
 from compute import (add_compute_flags, amp_dtype, count_params, device_name,
                      percentile, resolve_device, set_compute_resources,
                      synchronize, time_interleaved, timed)
 from distill import FeatureAdapters, FrozenTeacher, feature_channels, logits_of
 from files import save_json
-from nets import (STUDENT_ARCHS, TORCHVISION_ARCHS, build_model,
-                  model_from_checkpoint)
+from nets import STUDENT_ARCHS, TORCHVISION_ARCHS, build_model
+from runtimes import FORMATS, load_any, model_format
 
 
 def model_or_checkpoint(value):
-    """--models entry: a known architecture name, or a checkpoint file to rebuild."""
-    if value in STUDENT_ARCHS + TORCHVISION_ARCHS or value.endswith(".pth"):
+    """--models entry: a known architecture name, or a model file to open."""
+    if value in STUDENT_ARCHS + TORCHVISION_ARCHS or Path(value).suffix in FORMATS:
         return value
     raise argparse.ArgumentTypeError(
         f"{value!r} is neither a model ({', '.join(STUDENT_ARCHS + TORCHVISION_ARCHS)}) nor a "
-        ".pth checkpoint; pass one of those")
+        "model file (.pth checkpoint, int8 .pt2, .onnx); pass one of those")
 
 
-def load_benchmarked(name):
-    """The model named on --models: random weights by name, or a checkpoint's own model."""
-    if name.endswith(".pth"):
-        return model_from_checkpoint(name)[0]
-    return build_model(name, pretrained=False)
+class OneAtATime(torch.nn.Module):
+    """A batch through a model compiled or exported for batch 1: one image after another."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([logits_of(self.model(x[i:i + 1])) for i in range(len(x))])
+
+
+def load_benchmarked(name, device):
+    """(model, record) for a --models entry: random weights by name (record None), or a
+    model file through runtimes.load_any (its record: 'format', 'params', ...)."""
+    if Path(name).suffix not in FORMATS:
+        return build_model(name, pretrained=False), None
+    if model_format(name) != "checkpoint" and device.type != "cpu":
+        raise UserError(f"{name}: a {model_format(name)} model runs on the CPU only; benchmark "
+                        "it with --device cpu")
+    model, record = load_any(name)
+    return (model if record["format"] == "checkpoint" else OneAtATime(model)), record
 
 
 def get_args_parser():
@@ -67,9 +83,11 @@ def get_args_parser():
                         default=["fcn_resnet50", "lab", "lite", "lraspp_mobilenet_v3_large",
                                  "deeplabv3_mobilenet_v3_large"],
                         type=model_or_checkpoint, metavar="NAME|PATH",
-                        help="models to measure, by name (random weights) or as a checkpoint "
-                             "PATH (.pth) of this repo, a pruned one included (its own "
-                             "weights); the first is the reference for speed-ups")
+                        help="models to measure, by name (random weights) or as a model file "
+                             "PATH of this repo (its own weights): a .pth checkpoint, a pruned "
+                             "one included, or compress.py's int8 .pt2 / .onnx (CPU; at --batch "
+                             "their images run one at a time); the first is the reference for "
+                             "speed-ups")
     add_compute_flags(parser, device="cpu", workers=False)
     parser.add_argument("--size", type=int, default=520, help="square input side in pixels")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per model")
@@ -175,14 +193,18 @@ def total_params(name, model):
     return count_params(model) + count_params(adapters)
 
 
+def optional(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(rows, reference, batch=8):
     header = ["model", "params (inference)", "params (total)", "GFLOPs", "checkpoint MB",
               "median ms", "p90 ms", f"images/s at batch {batch}", "peak MB",
               f"speed-up vs {reference}"]
     return markdown_table(header, [
-        [r["model"], f"{r['params']:,}", f"{r['params_total']:,}", f"{r['gflops']:.2f}",
+        [r["model"], f"{r['params']:,}", f"{r['params_total']:,}", optional(r["gflops"], ".2f"),
          f"{r['checkpoint_mb']:.2f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
-         f"{r['throughput_ips']:.2f}", f"{r['peak_mem_mb']:.0f}", f"{r['speedup']:.1f}x"]
+         f"{r['throughput_ips']:.2f}", optional(r["peak_mem_mb"], ".0f"), f"{r['speedup']:.1f}x"]
         for r in rows])
 
 
@@ -316,17 +338,37 @@ def main(args):
     return inference_main(args, device)
 
 
+def result_row(name, model, record, measured, times, batch_times, ref_median, batch):
+    """One model's row: size from its file or state dict, speed from its timed calls."""
+    record = record or {"format": "checkpoint"}
+    median = statistics.median(times)
+    size = checkpoint_bytes(model) if record["format"] == "checkpoint" else os.path.getsize(name)
+    return {"model": name, "format": record["format"],
+            "params": record.get("params") or count_params(model),
+            "params_total": record.get("params") or total_params(name, model),
+            "gflops": measured[0], "checkpoint_bytes": size, "checkpoint_mb": size / 2 ** 20,
+            "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times, 0.9),
+            "speedup": ref_median / median, "throughput_ips": batch / statistics.median(batch_times),
+            "peak_mem_mb": measured[1], "times_ms": [1000 * t for t in times],
+            "batch_times_ms": [1000 * t for t in batch_times]}
+
+
 def inference_main(args, device):
     """Size and speed of each model (the module docstring), side by side."""
     print(f"device: {device} ({device_name(device)}), input 1x3x{args.size}x{args.size}")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(1, 3, args.size, args.size, device=device).to(memory_format=memory_format)
-    models = {}
+    models, records = {}, {}
     for name in args.models:
         torch.manual_seed(0)
-        models[name] = load_benchmarked(name).eval().to(device, memory_format=memory_format)
-    measured = {name: measure_once(model, x, device) for name, model in models.items()}
-    slow = {name for name, (flops, _) in measured.items() if flops > args.slow_gflops}
+        model, records[name] = load_benchmarked(name, device)
+        models[name] = model.eval().to(device, memory_format=memory_format)
+    # an int8 or ONNX model's kernels run outside PyTorch's dispatcher: no FLOPs or peak
+    # memory counted op by op (None, shown as '-')
+    measured = {name: measure_once(model, x, device) if records[name] is None or
+                records[name]["format"] == "checkpoint" else (None, None)
+                for name, model in models.items()}
+    slow = {name for name, (flops, _) in measured.items() if (flops or 0) > args.slow_gflops}
     runs = {name: args.slow_runs if name in slow else args.runs for name in models}
     batch_runs = {name: args.slow_batch_runs if name in slow else args.batch_runs for name in models}
     amp = amp_dtype(device, args.amp)
@@ -336,19 +378,11 @@ def inference_main(args, device):
     batch_times = time_interleaved(models, xb, device, batch_runs, 1, amp)
     reference = args.models[0]
     ref_median = statistics.median(times[reference])
-    rows = []
-    for name, model in models.items():
-        median = statistics.median(times[name])
-        rows.append({"model": name, "params": count_params(model),
-                     "params_total": total_params(name, model), "gflops": measured[name][0],
-                     "checkpoint_bytes": checkpoint_bytes(model),
-                     "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times[name], 0.9),
-                     "speedup": ref_median / median, "runs": runs[name],
-                     "throughput_ips": args.batch / statistics.median(batch_times[name]),
-                     "batch_runs": batch_runs[name], "peak_mem_mb": measured[name][1],
-                     "times_ms": [1000 * t for t in times[name]],
-                     "batch_times_ms": [1000 * t for t in batch_times[name]]})
-        rows[-1]["checkpoint_mb"] = rows[-1]["checkpoint_bytes"] / 2 ** 20
+    rows = [result_row(name, model, records[name], measured[name], times[name],
+                       batch_times[name], ref_median, args.batch)
+            for name, model in models.items()]
+    for row in rows:
+        row.update(runs=runs[row["model"]], batch_runs=batch_runs[row["model"]])
     table = markdown(rows, reference, args.batch)
     print(table)
     memory_method = ("torch.cuda.max_memory_allocated minus the memory allocated before the call"

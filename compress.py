@@ -48,6 +48,8 @@ from engine import evaluate
 from files import save_json, torch_save
 from nets import model_from_checkpoint
 from pruning import prune_channels, removed_channel_fraction
+from runtimes import (Frozen, OnnxModel, compile_frozen, export_metadata, export_onnx,
+                      quantize_int8, save_int8)
 
 
 def get_args_parser():
@@ -91,133 +93,6 @@ def get_args_parser():
     return parser
 
 
-# --------------------------------------------------------------------------- int8 (PT2E)
-
-def dynamic_hw(x):
-    """torch.export dynamic-shape spec: any image height and width (VOC sizes vary)."""
-    h, w = torch.export.Dim("height", min=32, max=4096), torch.export.Dim("width", min=32, max=4096)
-    return {"x": {2: h, 3: w}}
-
-
-def quantize_int8(model, calib_images):
-    """PT2E static int8: export, insert observers, calibrate, convert (torchao's flow).
-
-    torch.ao.quantization's FX mode is deprecated in torch 2.x and cannot trace the student
-    (ASPP expands by the traced input shape); PT2E captures it with torch.export. The PT2E
-    entry points moved from torch.ao to torchao, hence the import from there.
-    """
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import (convert_pt2e,
-                                                         prepare_pt2e)
-
-    example = calib_images[0]
-    exported = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_hw(example))
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported.module(), quantizer)
-    with torch.no_grad():
-        for image in calib_images:  # observers record activation ranges
-            prepared(image)
-    return drop_unused_tensors(convert_pt2e(prepared))
-
-
-class Frozen(nn.Module):
-    """Wraps an exported/compiled callable so engine.evaluate can call .eval() on it."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def train(self, mode=True):
-        return self  # exported programs refuse train()/eval(); they are already in eval form
-
-    def forward(self, x):
-        return logits_of(self.fn(x))
-
-
-def drop_unused_tensors(gm):
-    """Delete the parameters and buffers the converted graph no longer reads.
-
-    convert_pt2e leaves the float weights it replaced by int8 constants attached to the
-    module; saved as they are, the int8 file would hold both.
-    """
-    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            parent, _, leaf = name.rpartition(".")
-            delattr(gm.get_submodule(parent) if parent else gm, leaf)
-    return gm
-
-
-@torch.library.custom_op("segkd::global_avg_pool", mutates_args=())
-def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    """adaptive_avg_pool2d(x, 1) as an op inductor calls and does not generate code for."""
-    return x.mean((2, 3), keepdim=True).contiguous()
-
-
-@global_avg_pool.register_fake
-def _(x):
-    return x.new_empty(x.shape[0], x.shape[1], 1, 1)
-
-
-def opaque_pools(gm):
-    """Replace the graph's global average pools (MobileNetV3's squeeze-excite, ASPP's image
-    pool) by ``global_avg_pool``, in place.
-
-    Inductor writes such a pool as a float sum over H*W and picks its accumulation by
-    whether H*W > 4096 (cpp.py, need_use_acc_helper): a guard on the input size, so every
-    image on the other side of one of those thresholds (at strides 4 and 16) compiled the
-    whole network again. As an opaque op the pool is aten's kernel and guards nothing.
-    """
-    for node in gm.graph.nodes:
-        if node.target == torch.ops.aten.adaptive_avg_pool2d.default and \
-                list(node.args[1]) == [1, 1]:
-            node.target, node.args = torch.ops.segkd.global_avg_pool.default, node.args[:1]
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def compile_frozen(model):
-    """torch.compile with inductor's freezing: constant weights are folded and prepacked,
-    which is what selects the int8 (and oneDNN fp32) convolution kernels on x86.
-
-    Compiled once for every image size (tests/test_compress.py counts the compilations):
-    the global pools made opaque (``opaque_pools``, for exported graphs), and no duck
-    sizing, by which dynamo gives height and width one symbol when the first image is
-    square, and compiles again at the first that is not. Inference only: the inputs are
-    made inference tensors (a copy of 3*H*W floats where they are not).
-    """
-    import torch._inductor.config as inductor_config
-    from torch.fx.experimental import _config as shape_config
-    inductor_config.freezing = True
-    inductor_config.cpp_wrapper = True  # the graph's calls made from C++, not Python: ~15% less
-    if isinstance(model, torch.fx.GraphModule):
-        opaque_pools(model)
-    compiled = torch.compile(model, dynamic=True)  # val images come in many sizes
-
-    def run(x):
-        # duck sizing is read when a compilation starts; and dynamo guards on whether x is an
-        # inference tensor (made under inference mode, as evaluate's are) or not (the sweep's)
-        with shape_config.patch(use_duck_shape=False), torch.inference_mode():
-            return compiled(x if x.is_inference() else x.clone())
-    return run
-
-
-def load_int8(path):
-    """The int8 program ``save_int8`` wrote, as a module, in any process. Its quantize and
-    dequantize ops are torchao's: importing torchao registers them, and torch.export.load
-    cannot resolve the graph without them."""
-    importlib.import_module("torchao.quantization.pt2e")  # registers quantized_decomposed ops
-    return torch.export.load(str(path)).module()
-
-
-def save_int8(qmodel, example, path):
-    """The int8 program as torch.export writes it (int8 weights), for its size on disk."""
-    program = torch.export.export(qmodel, (example,), dynamic_shapes=dynamic_hw(example))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path))
-
-
 # --------------------------------------------------------------------------- pruning
 
 def prunable_convs(model):
@@ -245,33 +120,6 @@ def save_pruned(model, ckpt, path, info):
     """A checkpoint in the repo's schema, loadable by evaluate.py."""
     torch_save(model_record(model, epoch=ckpt.get("epoch"), args=ckpt.get("args"),
                             pruning=info), path)
-
-
-# --------------------------------------------------------------------------- ONNX
-
-def export_onnx(model, example, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model.eval(), (example,), str(path), input_names=["image"],
-                      output_names=["logits"], dynamic_shapes=dynamic_hw(example),
-                      external_data=False, dynamo=True)
-
-
-class OnnxModel(nn.Module):
-    """An onnxruntime session behind the nn.Module interface engine.evaluate expects."""
-
-    def __init__(self, path, threads):
-        super().__init__()
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # onnxruntime's idle threads spin-wait by default; in an interleaved timing loop they
-        # steal the cores from whichever model runs next (measured: fp32 PyTorch 2x slower)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, x):
-        out = self.session.run(None, {"image": x.detach().cpu().numpy()})[0]
-        return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------- main
@@ -308,14 +156,14 @@ def zipped_bytes(path):
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
-def int8_variant(model, args, x, out_dir, stem):
+def int8_variant(model, ckpt, args, x, out_dir, stem):
     """PT2E int8, calibrated on training images, saved, and compiled unless --int8-eager."""
     calib = build_dataset(args.data_root, "train", limit=args.calib_images,
                           download=not args.no_download, transforms=eval_transforms())
     images = [to_model_input(calib[i][0][None]) for i in range(len(calib))]
     qmodel = quantize_int8(model, images)
     path = out_dir / f"{stem}_int8.pt2"
-    save_int8(qmodel, images[0], path)
+    save_int8(qmodel, images[0], path, export_metadata(model, ckpt, args.model_path))
     how = "eager Q/DQ reference" if args.int8_eager else "inductor, freezing"
     print(f"int8: {how}" + ("" if args.int8_eager else " (compiling: a minute or two)"))
     runner = qmodel if args.int8_eager else compile_frozen(qmodel)
@@ -347,9 +195,9 @@ def pruned_variants(model, ckpt, args, out_dir, stem):
     return variants
 
 
-def onnx_variant(model, x, out_dir, stem):
+def onnx_variant(model, ckpt, args, x, out_dir, stem):
     path = out_dir / f"{stem}.onnx"
-    export_onnx(model, x, path)
+    export_onnx(model, x, path, export_metadata(model, ckpt, args.model_path))
     onnx_model = OnnxModel(path, torch.get_num_threads())
     with torch.inference_mode():  # one odd-sized input as well: the shapes are dynamic
         checks = [x, torch.randn(1, 3, 333, 500)]
@@ -366,7 +214,7 @@ def build_variants(model, ckpt, args, x, out_dir, stem):
     torch.save(model.state_dict(), fp32_path)
     variants = {"fp32": {"model": model, "path": fp32_path, "note": "the checkpoint's weights"}}
     if "int8" not in args.skip:
-        variants["int8"] = int8_variant(model, args, x, out_dir, stem)
+        variants["int8"] = int8_variant(model, ckpt, args, x, out_dir, stem)
     if args.compile_fp32:
         runner = compile_frozen(copy.deepcopy(model))
         with torch.inference_mode():
@@ -376,7 +224,7 @@ def build_variants(model, ckpt, args, x, out_dir, stem):
     if "prune" not in args.skip:
         variants.update(pruned_variants(model, ckpt, args, out_dir, stem))
     if "onnx" not in args.skip:
-        variants["onnx"] = onnx_variant(model, x, out_dir, stem)
+        variants["onnx"] = onnx_variant(model, ckpt, args, x, out_dir, stem)
     return variants
 
 

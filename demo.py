@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import evaluate
+import intervals
 import sweep
 import train_kd
 from cli import HelpFormatter, UserError, markdown_table, run_cli
@@ -249,7 +250,7 @@ def expected_best(students):
     by = {}
     for run in students["runs"]:
         by.setdefault(method_of(run["setting"]), {})[run["seed"]] = run["miou"]
-    gains = {m: sweep.paired_gain(by[m], by["no_kd"]) for m in METHODS.values() if m != "no_kd"}
+    gains = {m: intervals.paired_gain(by[m], by["no_kd"]) for m in METHODS.values() if m != "no_kd"}
     return max(gains, key=lambda m: gains[m]["gain"]), gains
 
 
@@ -270,17 +271,17 @@ def method_rows(teacher_result, scored):
                "runs": [r["run"] for r in runs], "evaluations": [r["evaluation"] for r in runs],
                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
         if method != "no_kd":
-            row["paired_gain"] = sweep.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
+            row["paired_gain"] = intervals.paired_gain({r["seed"]: r["miou"] for r in runs}, base)
         rows.append(row)
     for row in rows:
-        row["mean"], row["std"], row["n"] = sweep.mean_std(row["mious"])
+        row["mean"], row["std"], row["n"] = intervals.mean_std(row["mious"])
     return rows
 
 
 def results_table(rows):
     return markdown_table(
         ["Knowledge distillation", "mIoU (%) mean ± std", "n",
-         f"gain over no KD, {sweep.CONFIDENCE:.0%} CI (paired t)", "verdict", "# Parameters",
+         f"gain over no KD, {intervals.CONFIDENCE:.0%} CI (paired t)", "verdict", "# Parameters",
          "Inference (ms/image)"],
         [[r["method"], sweep.fmt_mean_std(r["mean"], r["std"], r["n"]), r["n"],
           sweep.fmt_gain(r["paired_gain"]) if "paired_gain" in r else "",
@@ -342,7 +343,7 @@ def main(args):
         f"Demo: final mIoU on {args.val} reported images, {len(args.seeds)} paired seeds "
         f"({device_name(device)})")
     results = {"rows": rows, "table_markdown": table, "expected_best": expected,
-               "expected_best_on_select": on_select, "confidence": sweep.CONFIDENCE,
+               "expected_best_on_select": on_select, "confidence": intervals.CONFIDENCE,
                "device": str(device), "hardware": device_name(device),
                "teacher_arch": args.teacher, "teacher_checkpoint": str(teacher),
                "student_arch": "lite", "sweep": sweep_name, "data": settings,

@@ -1,11 +1,13 @@
 """Evaluate a trained checkpoint on VOC val: mIoU, size, speed, and overlay images.
 
-The model is rebuilt from the checkpoint alone (it records its architecture), and scored
+The model is rebuilt from the checkpoint alone (it records its architecture), or opened from
+one of compress.py's files (int8 .pt2, .onnx: runtimes.load_any, on the CPU), and scored
 by the same loop, metric and timing as test_teacher.py.
 
     python evaluate.py --model_path models/response_kd_last.pth --device auto
     python evaluate.py --model_path models/no_kd_last.pth --visualize --num_images 8
     python evaluate.py --model_path models/no_kd_last.pth --split select --data-root data/demo/TREE/students
+    python evaluate.py --model_path models/compressed/no_kd_last_int8.pt2   # compress.py's files too
 """
 import argparse
 from pathlib import Path
@@ -19,15 +21,16 @@ from data import NUM_CLASSES, eval_loader, to_model_input
 from distill import logits_of
 from engine import class_map, evaluate_and_report
 from files import save_json
-from nets import model_from_checkpoint
 from plots import save_overlay
+from runtimes import load_any, model_format, runs_on
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model_path", "--model-path", required=True, dest="model_path",
-                        help="a checkpoint written by train_kd.py (models/NAME_last.pth)")
+                        help="a checkpoint written by train_kd.py (models/NAME_last.pth), or a "
+                             "compressed file from compress.py (.pth, int8 .pt2, .onnx)")
     parser.add_argument("--data-root", default="./data", help="directory holding VOCdevkit/VOC2012")
     parser.add_argument("--no-download", action="store_true", help="never download VOC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
@@ -83,9 +86,12 @@ def write_overlays(model, dataset, device, results, count, out_dir, title):
 
 def main(args):
     print(f"args: {vars(args)}")
-    device = resolve_device(args.device)
-    print(set_compute_resources(args, device))
-    model, ckpt = model_from_checkpoint(args.model_path)
+    device = runs_on(model_format(args.model_path), resolve_device(args.device))
+    print(set_compute_resources(args, device))  # before loading: onnxruntime reads the threads
+    model, ckpt = load_any(args.model_path)
+    if args.amp and ckpt["format"] != "checkpoint":
+        raise UserError(f"{args.model_path}: --amp autocasts a PyTorch checkpoint; a "
+                        f"{ckpt['format']} model runs as compiled: leave --amp out")
     classes = ckpt["model_args"].get("num_classes", NUM_CLASSES)
     if classes != NUM_CLASSES:
         raise UserError(f"{args.model_path}: the model predicts {classes} classes, but PASCAL "
@@ -96,10 +102,12 @@ def main(args):
     json_path = args.json or str(Path(args.output_dir) / f"{stem}_eval.json")
     arch = ckpt["model_args"]["arch"]
     extra = {"model": arch, "checkpoint": str(args.model_path), "epoch": ckpt.get("epoch"),
+             "format": ckpt["format"], "source": ckpt.get("source"),
              "data_root": str(args.data_root), "split": args.split, "limit": args.limit,
              "amp": args.amp, "threads": args.threads, "workers": args.workers}
     # per-image scores only to pick the overlays: they cost a matrix and its scores per image
-    results = evaluate_and_report(model, loader, device, f"{stem} ({arch})", count_params(model),
+    results = evaluate_and_report(model, loader, device, f"{stem} ({arch})",
+                                  ckpt.get("params") or count_params(model),
                                   None, extra, amp=args.amp, per_image=args.visualize,
                                   progress=args.progress)
     if args.visualize:

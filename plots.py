@@ -196,6 +196,41 @@ def comparison_chart(rows, path, title):
     return Path(path)
 
 
+def tradeoff_chart(rows, refs, seeds, path, title):
+    """Latency (log scale) against mIoU: every seed's score small, the mean large, an arrow
+    from each pruned point before fine-tuning to after (same network, same latency); the
+    references, not scored on this data, as dashed vertical lines at their latency."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    by = {r["form"]: r for r in rows}
+    for i, r in enumerate(rows):
+        color = plt.cm.tab10.colors[i % 10]
+        ys = [r["miou_by_seed"][s] for s in seeds]
+        ax.scatter([r["median_ms"]] * len(ys), ys, s=14, color=color, alpha=0.45, linewidths=0)
+        ax.scatter(r["median_ms"], r["miou_mean"], s=70, color=color, edgecolors="black",
+                   marker="s" if r["form"].endswith("_ft") else "o", label=r["label"], zorder=3)
+    for key, r in by.items():
+        if key + "_ft" in by:
+            after = by[key + "_ft"]
+            ax.annotate("", (after["median_ms"], after["miou_mean"]),
+                        (r["median_ms"], r["miou_mean"]),
+                        arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 1})
+    for ref in refs:
+        ax.axvline(ref["median_ms"], ls="--", color="0.5", lw=1)
+        ax.text(ref["median_ms"], 0.02, f" {ref['label']}: {ref['median_ms']:.0f} ms\n"
+                " (mIoU not measured here)", rotation=90, fontsize=7, va="bottom", ha="right",
+                transform=ax.get_xaxis_transform())
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency, ms (log scale)")
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fit_title(ax, title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def colorize(label):
     """(H, W) labels -> (H, W, 3) uint8 in the VOC palette (255 drawn in VOC's void colour)."""
     return voc_palette()[np.asarray(label, dtype=np.uint8)]

@@ -332,7 +332,27 @@ def speed_section(outputs, benchmark, compress_files):
                 "", compress["table_markdown"], ""]
     if not compress_files:
         doc += ["not run: `python compress.py --model_path models/no_kd_last.pth`", ""]
-    return doc
+    return doc + compressed_evaluations(outputs)
+
+
+def is_compressed(result):
+    """An evaluation of one of compress.py's files, or of a student fine-tuned from one."""
+    path = str(result.get("checkpoint", ""))
+    return result.get("format") in ("int8", "onnx") or "compressed/" in path or "pruned" in path
+
+
+def compressed_evaluations(outputs):
+    """evaluate.py's results on compressed models (outputs/*_eval.json), as they hold them."""
+    found = {p: read_json(p) for p in sorted(outputs.glob("*_eval.json"))}
+    rows = [[f"`{r['checkpoint']}`", r.get("format", "checkpoint"), fmt_params(r["params"]),
+             fmt_miou(r["miou"]), fmt_ms(r["ms_per_image"]), r["num_images"], r["hardware"],
+             f"`python evaluate.py --model_path {r['checkpoint']} --json {p}`"]
+            for p, r in found.items() if r and is_compressed(r)]
+    if not rows:
+        return []
+    header = ["model", "format", "params", "mIoU (%)", "ms/image", "images", "hardware", "command"]
+    return ["Compressed models scored by evaluate.py, full resolution, batch 1:", "",
+            markdown_table(header, rows), ""]
 
 
 def throughput_section(outputs):

@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import sweep  # noqa: E402
+import intervals  # noqa: E402
 import train_kd  # noqa: E402
 from data import VOC_CLASSES  # noqa: E402
 
@@ -123,10 +123,10 @@ def demo_tree(root, seeds=(0, 1, 2, 3), seed=0):
         if method == "no_kd":
             base = dict(zip(seeds, mious))
         else:
-            row["paired_gain"] = sweep.paired_gain(dict(zip(seeds, mious)), base)
+            row["paired_gain"] = intervals.paired_gain(dict(zip(seeds, mious)), base)
         rows.append(row)
     for row in rows:
-        row["mean"], row["std"], row["n"] = sweep.mean_std(row["mious"])
+        row["mean"], row["std"], row["n"] = intervals.mean_std(row["mious"])
     write(outputs / "demo_results.json", {
         "rows": rows, "table_markdown": "| demo's own table |", "reported_split": "val",
         "teacher_arch": "lite", "student_arch": "lite", "hardware": "CPU (test, 2 threads)",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import compress
+import runtimes
 from cli import UserError
 from nets import build_model, model_from_checkpoint
 
@@ -88,7 +89,7 @@ def tiny_int8():
     pytest.importorskip("torchao")
     torch.manual_seed(0)
     calib = [torch.randn(1, 3, 96, 112) for _ in range(2)]
-    return compress.quantize_int8(TinySegmenter().eval(), calib)
+    return runtimes.quantize_int8(TinySegmenter().eval(), calib)
 
 
 def test_compiled_int8_compiles_once_for_every_image_size(tiny_int8):
@@ -100,7 +101,7 @@ def test_compiled_int8_compiles_once_for_every_image_size(tiny_int8):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     reference = copy.deepcopy(tiny_int8)  # the eager quantize/dequantize graph
-    compiled = compress.compile_frozen(copy.deepcopy(tiny_int8))
+    compiled = runtimes.compile_frozen(copy.deepcopy(tiny_int8))
     before = counters["stats"]["unique_graphs"]
     # pooled H*W 3136 and 3648 (<= 4096), 6000 and 8835 (> 4096); every conv input above the
     # 20480 elements where convolution picks another kernel (a split left in: tiny images)
@@ -119,9 +120,9 @@ def test_saved_int8_predicts_the_same_in_a_fresh_process(tiny_int8, tmp_path):
     torch.manual_seed(1)
     x = torch.randn(1, 3, 120, 100)
     path = tmp_path / "tiny_int8.pt2"
-    compress.save_int8(tiny_int8, x, path)
+    runtimes.save_int8(tiny_int8, x, path)
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch, compress; m = compress.load_int8(sys.argv[1]); "
+    code = ("import sys, torch, runtimes; m = runtimes.load_int8(sys.argv[1]); "
             "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
                     str(tmp_path / "out.pt")], check=True, cwd=Path(compress.__file__).parent)
@@ -130,3 +131,60 @@ def test_saved_int8_predicts_the_same_in_a_fresh_process(tiny_int8, tmp_path):
         here = tiny_int8(x)
     assert torch.equal(loaded.argmax(1), here.argmax(1))
     assert torch.allclose(loaded, here, atol=1e-5)
+
+
+class TinyVOCSegmenter(TinySegmenter):
+    """TinySegmenter with VOC's 21 outputs, so evaluate.py scores it on generated VOC."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv2d(8, 21, 1)
+
+
+def test_evaluate_and_benchmark_take_the_int8_and_onnx_files(synth_root, tmp_path):
+    """runtimes.load_any opens compress.py's .pt2 and .onnx with the record they carry;
+    evaluate.py scores them as it scores the model they came from, benchmark.py times them."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxruntime")
+    import benchmark
+    import evaluate
+    from data import eval_loader
+    from engine import evaluate as score
+    torch.manual_seed(0)
+    model = TinyVOCSegmenter().eval()
+    record = {"model_args": {"arch": "tiny", "num_classes": 21}, "epoch": 3}
+    meta = runtimes.export_metadata(model, record, "tiny.pth")
+    x = torch.randn(1, 3, 64, 72)
+    qmodel = runtimes.quantize_int8(model, [x, torch.randn(1, 3, 80, 64)])
+    runtimes.save_int8(qmodel, x, tmp_path / "tiny_int8.pt2", meta)
+    runtimes.export_onnx(model, x, tmp_path / "tiny.onnx", meta)
+    loader = eval_loader(synth_root, None, 0, False)
+    expected = {"int8": score(runtimes.Frozen(qmodel), loader, torch.device("cpu"), progress=False)["miou"],
+                "onnx": score(model, loader, torch.device("cpu"), progress=False)["miou"]}
+    for fmt, name in (("int8", "tiny_int8.pt2"), ("onnx", "tiny.onnx")):
+        _, loaded = runtimes.load_any(tmp_path / name)
+        assert loaded == {**meta, "format": fmt}
+        out = tmp_path / f"{fmt}_eval.json"
+        result = evaluate.main(evaluate.get_args_parser().parse_args([
+            "--model_path", str(tmp_path / name), "--data-root", str(synth_root),
+            "--no-download", "--device", "cpu", "--json", str(out), "--no-progress"]))
+        assert out.is_file() and result["format"] == fmt and result["params"] == meta["params"]
+        # compiled int8 kernels round a step away from the eager quantize/dequantize graph
+        assert result["miou"] == pytest.approx(expected[fmt], abs=0.02 if fmt == "int8" else 1e-6)
+    # (the int8 file only through evaluate: each compilation costs a minute on a busy CI)
+    bench = benchmark.main(benchmark.get_args_parser().parse_args([
+        "--models", str(tmp_path / "tiny.onnx"), "--size", "64", "--batch", "2", "--runs", "1",
+        "--warmup", "0", "--json", str(tmp_path / "b.json")]))
+    row = bench["rows"][0]
+    assert row["format"] == "onnx" and row["params"] == meta["params"] and row["gflops"] is None
+    assert row["checkpoint_bytes"] == (tmp_path / "tiny.onnx").stat().st_size
+    assert row["throughput_ips"] > 0  # batch 2 through a batch-1 export, one image at a time
+
+
+def test_load_any_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "broken.pt2").write_bytes(b"not a program")
+    for name, cause in (("model.h5", "not a model file"), ("missing.onnx", "no such file"),
+                        ("broken.pt2", "cannot be read as an int8 program")):
+        with pytest.raises(UserError, match=cause) as err:
+            runtimes.load_any(tmp_path / name)
+        assert name in str(err.value) and "\n" not in str(err.value)

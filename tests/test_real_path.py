@@ -48,7 +48,7 @@ SHRINK = {  # script -> flags appended to its lines: fewer epochs, images, runs,
     "test_teacher.py": ["--limit", "2"],
     "evaluate.py": ["--limit", "2", "--num_images", "2"],
     "benchmark.py": ["--size", "64", "--batch", "2", "--runs", "1", "--warmup", "0"],
-    "compress.py": ["--int8-eager", "--limit", "2", "--calib-images", "2", "--size", "64",
+    "compress.py": ["--limit", "2", "--calib-images", "2", "--size", "64",
                     "--runs", "1", "--warmup", "0"],
     "report.py": [],
 }
@@ -176,11 +176,14 @@ def rehearsal(hub_cache, download_server, tmp_path_factory):
         no_data += [run(line) for line in of("benchmark.py")]
         first.result()
         trained = [run(line) for line in of("compress.py")]  # reads the first run's checkpoint
-        trained += [run(line) for line in train[1:] if script_of(line) != "demo.py"]
+        pruned_later = [line for line in train if "--init-from" in line]  # reads compress's
+        trained += [run(line) for line in train[1:]
+                    if script_of(line) != "demo.py" and line not in pruned_later]
         trained += [run(line) for line in of("test_teacher.py")]
         trained.append(run(train[0], "--train-set", "trainaug", "--out", "trainaug"))  # + SBD
         wait(trained)  # the evaluations score what these runs trained
-        scored = [run(line) for line in of("evaluate.py")]
+        later = of("evaluate.py") + (pruned_later if OPTIONAL_INSTALLED else [])
+        scored = [run(line) for line in later]
         done = [f.result() for f in [first, *no_data, *trained, *scored]]
         done += [run(line).result() for line in of("report.py")]
     return repo, failures_of(done)
@@ -233,8 +236,8 @@ def test_the_compress_line_writes_every_variant(rehearsal):
     """int8 runs, pruning reaches its sparsity, ONNX matches PyTorch, files load alone."""
     import torch
 
-    from compress import load_int8
     from nets import model_from_checkpoint
+    from runtimes import load_any, load_int8
     repo, failures = rehearsal
     result = read(repo, "outputs/compress.json")
     rows = {r["variant"]: r for r in result["rows"]}
@@ -250,9 +253,19 @@ def test_the_compress_line_writes_every_variant(rehearsal):
     with torch.no_grad():
         logits = program(torch.randn(1, 3, 72, 88))
     assert logits.shape == (1, 21, 72, 88) and torch.isfinite(logits).all()
-    # a pruned checkpoint loads like any other
+    # the int8 and ONNX files say what they came from (evaluate.py, benchmark.py read it)
+    source = model_from_checkpoint(repo / result["checkpoint"])[1]["model_args"]
+    for variant in ("int8", "onnx"):
+        _, record = load_any(repo / rows[variant]["file"])
+        assert record["model_args"] == source and record["source"] == result["checkpoint"]
+    assert result["int8_runtime"] == "inductor (freezing)"  # the path users run, not --int8-eager
+    # a pruned checkpoint loads like any other, and train.txt's line fine-tunes it
     model, _ = model_from_checkpoint(repo / rows["pruned_channels"]["file"])
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+    tuned = read(repo, "outputs/no_kd_pruned50_kd/summary.json")
+    assert tuned["args"]["init_from"] == rows["pruned_channels"]["file"]
+    assert tuned["teacher"] == "lite" and tuned["args"]["teacher_weights"] == result["checkpoint"]
+    assert tuned["params"] == sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- the submission

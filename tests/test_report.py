@@ -338,3 +338,24 @@ def test_curve_titles_fit_their_figure_and_epochs_are_integers(tmp_path, epochs,
         plots.plot_history(tmp_path / "history.jsonl", tmp_path, name)
         plots.method_panels([(name, [records, records])], tmp_path / "panels.png")
     assert len(drawn) == 3
+
+
+def test_compressed_models_evaluated_by_evaluate_py_join_the_compression_section(tmp_path):
+    """evaluate.py on compress.py's files (and a fine-tuned pruned student) writes the JSONs
+    the report lists; a plain student's evaluation stays out of that table."""
+    outputs = tmp_path / "outputs"
+    write(outputs / "no_kd_eval.json", fake_eval(0.55317, 1298981, 12.3449))
+    files = {"no_kd_last_int8": ("models/compressed/no_kd_last_int8.pt2", "int8", 0.5432),
+             "no_kd_pruned50_kd": ("models/no_kd_pruned50_kd_last.pth", None, 0.5012)}
+    for stem, (checkpoint, fmt, miou) in files.items():
+        data = {**fake_eval(miou, 350021, 7.891), "checkpoint": checkpoint, "num_images": 1449}
+        write(outputs / f"{stem}_eval.json", {**data, **({"format": fmt} if fmt else {})})
+    _, markdown = run_report(tmp_path, source="voc")
+    section = markdown[markdown.index("## Compression"):]
+    table = section[section.index("| model | format"):].split("\n\n")[0].splitlines()[2:]
+    cells = {row.split(" | ")[0].strip("| `"): row.split(" | ") for row in table}
+    assert set(cells) == {checkpoint for checkpoint, _, _ in files.values()}
+    int8 = cells["models/compressed/no_kd_last_int8.pt2"]
+    assert int8[1:5] == ["int8", "350,021", "54.32", "7.89"]
+    assert f"--json {outputs / 'no_kd_last_int8_eval.json'}" in int8[-1]
+    assert cells["models/no_kd_pruned50_kd_last.pth"][1:4] == ["checkpoint", "350,021", "50.12"]

@@ -5,6 +5,7 @@ import math
 import pytest
 from conftest import train_flags
 
+import intervals
 import sweep
 import train_kd
 from cli import REPO_DIR, UserError
@@ -73,7 +74,7 @@ def test_paired_gains_are_per_seed_differences_with_their_standard_error():
     assert g["verdict"] == "no difference detectable with 3 seeds"  # straddles 0
     assert sweep.fmt_gain(g) == "+10.00 [-14.84, +34.84]"
     assert gains["alpha=0"]["gain"] == 0.0 and gains["alpha=0"]["n"] == 3
-    one = sweep.paired_gain({0: 0.6}, {0: 0.6211})
+    one = intervals.paired_gain({0: 0.6}, {0: 0.6211})
     assert sweep.fmt_gain(one) == "-2.11"  # one pair has no interval to show
     assert one["verdict"] == "no difference detectable with 1 seed"
 
@@ -82,7 +83,7 @@ def test_paired_gains_are_per_seed_differences_with_their_standard_error():
 def test_the_interval_is_students_t_with_n_minus_1_degrees_of_freedom(n):
     scipy_stats = pytest.importorskip("scipy.stats")
     diffs = [0.03 + 0.02 * math.sin(3 * i + n) for i in range(n)]  # any spread will do
-    mean, low, high = sweep.t_interval(diffs)
+    mean, low, high = intervals.t_interval(diffs)
     want = scipy_stats.t.interval(0.95, df=n - 1, loc=sum(diffs) / n,
                                   scale=scipy_stats.sem(diffs))
     assert (low, high) == (pytest.approx(want[0], rel=1e-12), pytest.approx(want[1], rel=1e-12))
@@ -96,7 +97,7 @@ def test_the_interval_is_students_t_with_n_minus_1_degrees_of_freedom(n):
     ([0.20, 0.00], "no difference detectable with 2 seeds"),  # t(0.975, 1) = 12.71: [-1.17, 1.37]
 ])
 def test_the_verdict_follows_where_the_interval_lies(diffs, verdict):
-    g = sweep.paired_gain(dict(enumerate(diffs)), dict.fromkeys(range(len(diffs)), 0.0))
+    g = intervals.paired_gain(dict(enumerate(diffs)), dict.fromkeys(range(len(diffs)), 0.0))
     assert g["verdict"] == verdict
     assert (g["ci_low"] > 0) == (verdict == "helps") and (g["ci_high"] < 0) == (verdict == "hurts")
 
