@@ -311,3 +311,20 @@ def test_the_command_exits_non_zero_with_the_count(checkpoint, tmp_path):
     assert lines[0].startswith(f"predict: {tmp_path / 'in' / 'bad.png'}: ")
     assert lines[-1].startswith("error: 1 of 2 inputs could not be read")
     assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+@pytest.mark.slow
+def test_an_onnx_file_predicts_like_its_checkpoint(checkpoint, model, photo, tmp_path):
+    """compress.py's ONNX form through runtimes.load_any (the export takes ~30 s)."""
+    pytest.importorskip("onnxruntime")
+    from runtimes import export_metadata, export_onnx
+    _, ckpt = model_from_checkpoint(checkpoint)
+    small = np.array(Image.fromarray(photo).resize((96, 112)))
+    Image.fromarray(small).save(tmp_path / "p.png")
+    export_onnx(model, torch.randn(1, 3, 64, 80), tmp_path / "lite.onnx",
+                export_metadata(model, ckpt, checkpoint))
+    records = run(tmp_path / "lite.onnx", tmp_path / "p.png", "--out", tmp_path / "out")
+    mask = read_mask(tmp_path / "out" / "p_mask.png")
+    assert mask.shape == (112, 96)
+    assert (mask == segment_array(model, small)).mean() > 0.999  # float differences at ties
+    assert set(records["p"]["classes"]) <= set(default_class_names(21))
