@@ -46,6 +46,7 @@ from plots import blend
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                   ".pgm", ".jfif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
+MIN_SIDE = 32  # smaller images are padded (edge pixels repeated), their logits cropped
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 AV_MISSING = ("reading and writing videos needs PyAV, which is not installed: pip install av "
               "(or pip install -r requirements-optional.txt)")
@@ -119,7 +120,11 @@ def predict_logits(model, rgb, device="cpu", max_side=None):
         batch = TF.resize(batch, size, antialias=True)
     if isinstance(model, torch.nn.Module) and model.training:
         model.eval()  # once: eval() walks every submodule, 5 ms a call on the student
-    logits = logits_of(model(to_model_input(batch, device=device)))
+    x = to_model_input(batch, device=device)
+    rows, cols = x.shape[-2:]
+    if rows < MIN_SIDE or cols < MIN_SIDE:  # compress.py's forms take sides of 32 and more
+        x = F.pad(x, (0, max(0, MIN_SIDE - cols), 0, max(0, MIN_SIDE - rows)), mode="replicate")
+    logits = logits_of(model(x))[..., :rows, :cols]
     if logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
                                align_corners=False)
@@ -313,7 +318,11 @@ def predict_image(model, path, paths, names, device, max_side, writer):
     start = time.perf_counter()
     rgb = open_image(path)
     model_start = time.perf_counter()
-    logits = predict_logits(model, rgb, device, max_side)
+    try:
+        logits = predict_logits(model, rgb, device, max_side)
+    except (RuntimeError, AssertionError) as exc:  # out of memory, a compiled form's limits
+        raise UserError(f"the model failed on this {rgb.shape[1]}x{rgb.shape[0]} image "
+                        f"({one_line(exc, 160)}); try --max-side") from None
     mask = class_map(logits)[0].to(torch.uint8).cpu().numpy()
     model_ms = 1000 * (time.perf_counter() - model_start)
     writer.submit(write_outputs, paths, rgb, mask, logits)
