@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from checkpoints import read_history  # noqa: E402
 from cli import HelpFormatter  # noqa: E402
@@ -220,6 +220,10 @@ def tradeoff_chart(rows, refs, seeds, path, title):
                 " (mIoU not measured here)", rotation=90, fontsize=7, va="bottom", ha="right",
                 transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 150, not 1.5 x 10^2
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("median latency, ms (log scale)")
     ax.set_ylabel("mIoU (%)")
     ax.grid(alpha=0.3, which="both")

@@ -12,8 +12,9 @@ Reads three kinds of file and writes one table and one picture:
   the teacher and LR-ASPP with them as references.
 
 For every form: latency, parameters, GFLOPs, val mIoU for each seed and their mean, and the
-paired difference to the unpruned student with its 95% Student-t interval (intervals.paired_gain)
-over --seeds, and again over --check-seeds, a disjoint set, where given. Written to --out
+paired differences to the unpruned student and to the control, each with its 95% Student-t
+interval (intervals.paired_gain), over --seeds, and again over --check-seeds, a disjoint set,
+where given. Written to --out
 (.json, .md, .png): latency against mIoU, one marker per seed and the mean, an arrow from
 each pruned point before fine-tuning to after; the references, whose mIoU was not measured
 on this data, as vertical lines at their latency.
@@ -93,35 +94,45 @@ def timing(bench, suffix):
 
 
 def form_row(args, bench, key, label, where, suffix):
-    seeds = sorted(set(args.seeds) | set(args.check_seeds))
+    # int8 and ONNX were scored on the main seeds only (compress.py per seed, not the sweep)
+    check = args.check_seeds if where[0] == "sweep" else []
+    seeds = sorted(set(args.seeds) | set(check))
     mious = {s: seed_mious(args, where, s) for s in seeds}
     base = {s: seed_mious(args, ("sweep", ""), s) for s in seeds}
+    control = {s: seed_mious(args, ("sweep", "_cont"), s) for s in seeds}
     t = timing(bench, suffix)
     row = {"form": key, "label": label, "model": t["model"], "median_ms": t["median_ms"],
            "params": t["params"], "gflops": t["gflops"], "miou_by_seed": mious,
            "miou_mean": sum(mious[s] for s in args.seeds) / len(args.seeds)}
-    for name, subset in (("vs_fp32", args.seeds), ("vs_fp32_check", args.check_seeds)):
+    for suffix, subset in (("", args.seeds), ("_check", check)):
         if subset:
-            row[name] = paired_gain({s: mious[s] for s in subset}, base)
+            row["vs_fp32" + suffix] = paired_gain({s: mious[s] for s in subset}, base)
+            row["vs_control" + suffix] = paired_gain({s: mious[s] for s in subset}, control)
     return row
 
 
+COMPARED = ("vs_fp32", "vs_control", "vs_fp32_check", "vs_control_check")
+
+
 def fmt_interval(g):
+    if g["n"] < 2:
+        return f"{g['gain']:+.2f} (1 seed: no interval)"
     return f"{g['gain']:+.2f} [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]"
 
 
 def markdown(rows, refs, fp32_ms, args):
+    seeds, check = (" ".join(map(str, s)) for s in (args.seeds, args.check_seeds))
     header = ["form", "params", "GFLOPs", "median ms", "speed-up", f"{args.split} mIoU (%)",
-              f"vs fp32, seeds {' '.join(map(str, args.seeds))}"]
+              f"vs fp32, seeds {seeds}", f"vs 20 epochs more, seeds {seeds}"]
     if args.check_seeds:
-        header.append(f"check, seeds {' '.join(map(str, args.check_seeds))}")
+        header += [f"vs fp32, seeds {check}", f"vs 20 epochs more, seeds {check}"]
+    compared = COMPARED[:len(header) - 6]
     body = []
     for r in rows + refs:
         cells = [r["label"], f"{r['params']:,}", "-" if r["gflops"] is None else f"{r['gflops']:.2f}",
                  f"{r['median_ms']:.1f}", f"{fp32_ms / r['median_ms']:.2f}x",
                  f"{r['miou_mean']:.2f}" if "miou_mean" in r else "not measured"]
-        cells += [fmt_interval(r[k]) if k in r else "-" for k in ("vs_fp32", "vs_fp32_check")
-                  if k == "vs_fp32" or args.check_seeds]
+        cells += [fmt_interval(r[k]) if k in r else "-" for k in compared]
         body.append(cells)
     return markdown_table(header, body)
 
