@@ -146,8 +146,9 @@ def main(args):
     table = markdown(rows, refs, fp32_ms, args)
     print(table)
     out = Path(args.out)
-    title = (f"{args.split} mIoU of generated data against latency at {bench['size']}x"
-             f"{bench['size']}, batch 1, {bench['threads']} thread(s), {bench['hardware']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (f"{args.split} mIoU against latency at {bench['size']}x{bench['size']}, batch 1, "
+             f"{bench['hardware']}; seeds {' '.join(map(str, args.seeds))}")
     tradeoff_chart(rows, refs, args.seeds, out.with_suffix(".png"), title)
     result = {"benchmark": args.benchmark, "sweep": args.sweep, "seeds": args.seeds,
               "check_seeds": args.check_seeds, "split": args.split,
