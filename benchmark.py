@@ -348,7 +348,8 @@ def result_row(name, model, record, measured, times, batch_times, ref_median, ba
             "params_total": record.get("params") or total_params(name, model),
             "gflops": measured[0], "checkpoint_bytes": size, "checkpoint_mb": size / 2 ** 20,
             "median_ms": 1000 * median, "p90_ms": 1000 * percentile(times, 0.9),
-            "speedup": ref_median / median, "throughput_ips": batch / statistics.median(batch_times),
+            "speedup": ref_median / median,
+            "throughput_ips": batch / statistics.median(batch_times),
             "peak_mem_mb": measured[1], "times_ms": [1000 * t for t in times],
             "batch_times_ms": [1000 * t for t in batch_times]}
 

@@ -118,8 +118,9 @@ def prune_model(model, sparsity, structured):
 
 def save_pruned(model, ckpt, path, info):
     """A checkpoint in the repo's schema, loadable by evaluate.py."""
+    names = {"class_names": ckpt["class_names"]} if "class_names" in ckpt else {}  # its own
     torch_save(model_record(model, epoch=ckpt.get("epoch"), args=ckpt.get("args"),
-                            pruning=info), path)
+                            pruning=info, **names), path)
 
 
 # --------------------------------------------------------------------------- main

@@ -81,7 +81,8 @@ def get_args_parser():
                         help="no progress bar (for log files)")
     parser.add_argument("--benchmark", action="store_true",
                         help="instead of predicting: the model's own images/s against "
-                             "predict's (loading, predicting, writing), interleaved, on INPUTs")
+                             "predict's (loading, predicting, writing), interleaved, on INPUTs; "
+                             "written to --out/benchmark.json")
     parser.add_argument("--rounds", type=ranged(int, 1), default=3,
                         help="with --benchmark: interleaved rounds of each")
     return parser
@@ -419,6 +420,10 @@ def benchmark(model, inputs, names, device, args):
     print(f"model alone {result['model']:.2f} images/s, predict.py {result['predict']:.2f} "
           f"images/s writing its outputs: {100 * result['ratio']:.1f}% ({images} images x "
           f"{rounds} rounds, batch 1, {result['hardware']}, {result['threads']} threads)")
+    path = Path(args.out) / "benchmark.json"
+    save_json({**result, "model_path": str(args.model_path),
+               "inputs": [str(p) for p, _ in inputs]}, path)
+    print(f"written: {path}")
     return result
 
 

@@ -129,7 +129,8 @@ def markdown(rows, refs, fp32_ms, args):
     compared = COMPARED[:len(header) - 6]
     body = []
     for r in rows + refs:
-        cells = [r["label"], f"{r['params']:,}", "-" if r["gflops"] is None else f"{r['gflops']:.2f}",
+        gflops = "-" if r["gflops"] is None else f"{r['gflops']:.2f}"
+        cells = [r["label"], f"{r['params']:,}", gflops,
                  f"{r['median_ms']:.1f}", f"{fp32_ms / r['median_ms']:.2f}x",
                  f"{r['miou_mean']:.2f}" if "miou_mean" in r else "not measured"]
         cells += [fmt_interval(r[k]) if k in r else "-" for k in compared]
