@@ -40,8 +40,9 @@ from data import save_mask, to_model_input
 from distill import logits_of
 from engine import class_map
 from files import atomic_write, save_json
-from nets import TORCHVISION_ARCHS, load_model, model_from_checkpoint
+from nets import TORCHVISION_ARCHS, load_model
 from plots import blend
+from runtimes import FORMATS, load_any, model_format, runs_on
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                   ".pgm", ".jfif"}
@@ -145,9 +146,9 @@ def segment(model, image, device="cpu", max_side=None):
 # --------------------------------------------------------------------------- models
 
 def load_predictor(spec, device):
-    """(model in eval mode, class names, the device it runs on) for --model_path: a
-    torchvision model by name, or a file this repo writes (``runtimes.load_any``: a
-    checkpoint, compress.py's int8 .pt2 or .onnx, which run on the CPU)."""
+    """(model in eval mode, class names) for --model_path: a torchvision model by name, or a
+    file this repo writes (``runtimes.load_any``: a checkpoint, compress.py's int8 .pt2 or
+    .onnx, which run on the CPU: ``predict_device``)."""
     if spec in TORCHVISION_ARCHS and not Path(spec).exists():
         model, names = load_model(spec, "default"), default_class_names(21)
     elif not Path(spec).is_file():
@@ -155,25 +156,18 @@ def load_predictor(spec, device):
                         "checkpoint (models/NAME_last.pth) or one of "
                         f"{', '.join(TORCHVISION_ARCHS)}")
     else:
-        model, record, device = load_file(spec, device)
+        model, record = load_any(spec)
         names = recorded_class_names(record)
     if isinstance(model, torch.nn.Module):
         model.to(device).eval()
-    return model, names, device
+    return model, names
 
 
-def load_file(path, device):
-    """(model, its checkpoint or metadata record, device) through runtimes.py where it
-    exists; without it only checkpoints load."""
-    try:
-        from runtimes import load_any, model_format, runs_on
-    except ImportError:
-        if Path(path).suffix.lower() not in (".pth", ".pt"):
-            raise UserError(f"--model_path {path}: only checkpoints (.pth) and model names load "
-                            "in this version") from None
-        return (*model_from_checkpoint(path), device)
-    model, record = load_any(path)
-    return model, record, runs_on(model_format(path), device)
+def predict_device(spec, device):
+    """The device --model_path runs on, known before it loads (onnxruntime reads the thread
+    count when its session is made): compressed files on the CPU."""
+    return runs_on(model_format(spec), device) if Path(spec).suffix.lower() in FORMATS \
+        else device
 
 
 # --------------------------------------------------------------------------- inputs
@@ -490,9 +484,9 @@ def main(args):
     check_out_dir(args.out, folders, inputs)
     if any(p.suffix.lower() in VIDEO_SUFFIXES for p, _ in inputs):
         import_av()  # before anything is written
-    device = resolve_device(args.device)
+    device = predict_device(args.model_path, resolve_device(args.device))
     print(f"device: {device}; " + set_compute_resources(args, device))
-    model, names, device = load_predictor(args.model_path, device)
+    model, names = load_predictor(args.model_path, device)
     if args.benchmark:
         return benchmark(model, inputs, names, device, args)
     out = Path(args.out)
