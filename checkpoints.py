@@ -5,7 +5,8 @@ One schema for every checkpoint this repo writes (``model_record``, ``checkpoint
 rebuilds its model alone, and ``class_names`` (the names predict.py reports); a training
 checkpoint adds what resuming needs: optimizer, scheduler, scaler, finished ``epoch``,
 ``args``, ``best_miou``, the adapters, and for a run stopped mid-epoch a ``partial`` record
-(step, loss sums, the random state of every process).
+(step, loss sums, the random state of every process); a run with a weight average
+(--ema-decay) saves the average as ``model`` and its training weights as ``train_model``.
 
 Stop and resume: Ctrl-C or SIGTERM asks the training loop to stop after its step
 (``files.StopRequest``); the loop raises ``Interrupted`` with the partial record,
@@ -75,27 +76,37 @@ def recorded_class_names(ckpt):
 
 
 def checkpoint_state(student, adapters, optimizer, scheduler, scaler, epoch, args, best_miou,
-                     partial=None):
+                     partial=None, average=None):
     """A training checkpoint: the model record plus enough to resume exactly.
 
     ``epoch`` counts finished epochs; ``partial``, for a run stopped mid-epoch, records the
     progress of the next one (``Interrupted.partial``, with the random state of every
     process as a list by rank). The adapters are saved apart: they are not needed for
-    inference.
+    inference. With a weight ``average`` (--ema-decay), ``model`` holds the average, which
+    every reader of a checkpoint evaluates and deploys, and ``train_model`` the weights
+    that training goes on from, with ``ema_updates``, the average's count of updates.
     """
+    trained = {} if average is None else {"train_model": student.state_dict(),
+                                          "ema_updates": int(average.n_averaged)}
     return model_record(
-        student, adapters=adapters.state_dict() if adapters is not None else None,
+        student if average is None else average.module,
+        adapters=adapters.state_dict() if adapters is not None else None,
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict() if scheduler is not None else None,
         scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
         args=dict(args) if not hasattr(args, "__dict__") else vars(args), best_miou=best_miou,
-        partial=partial)
+        partial=partial, **trained)
 
 
-def restore_training_state(ckpt, student, adapters, optimizer, scheduler, scaler):
+def restore_training_state(ckpt, student, adapters, optimizer, scheduler, scaler, average=None):
     """Load a checkpoint written by ``checkpoint_state``; returns (finished epochs, best mIoU,
     the partial record of the epoch in progress or None)."""
-    student.load_state_dict(ckpt["model"])
+    student.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    if average is not None:
+        if "train_model" not in ckpt:  # a run without an average: it cannot be made up
+            raise KeyError("train_model (the run was trained without --ema-decay)")
+        average.module.load_state_dict(ckpt["model"])
+        average.n_averaged.fill_(ckpt["ema_updates"])
     if adapters is not None:
         if ckpt.get("adapters") is None:
             raise KeyError("adapters")

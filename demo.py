@@ -85,6 +85,9 @@ def get_args_parser():
                    help="KD temperature (the sweep: 1 above 2 and 4)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds, each run by every method (paired)")
+    g.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="score each student's exponential moving average of weights "
+                        "(train_kd.py --ema-decay); 0: its last step's weights")
     g.add_argument("--val-every", type=int, default=5, metavar="N",
                    help="draw the 'select' curve every N epochs and after the last (scoring the "
                         "150 'select' images costs about a third of an epoch; docs/benchmark.md)")
@@ -191,6 +194,8 @@ def train_students(args, trees, settings, teacher):
         "--data-root", str(trees["students"]), "--val-split", "select", "--student", "lite",
         "--teacher", args.teacher, "--teacher-weights", str(teacher), "--epochs", str(args.epochs),
         "--tau", str(args.tau), "--val-every", str(args.val_every)]
+    if args.ema_decay:  # named only when on: the runs of a demo without it keep their names
+        shared += ["--ema-decay", str(args.ema_decay)]
     axes = ["--alpha", "0", str(args.alpha), "--beta", "0", str(args.beta)]
     name = students_sweep_name(args, settings, teacher, shared, axes)
     argv = (["--name", name, "--seeds", *map(str, args.seeds), "--jobs", str(args.jobs)]

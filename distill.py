@@ -193,3 +193,17 @@ def build_optimizer(name, params, lr, weight_decay, device):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **fast)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+
+
+def build_weight_average(student, decay):
+    """An exponential moving average of the student's weights and BatchNorm statistics
+    (torch.optim.swa_utils.AveragedModel, as torchvision's references' --model-ema), or None
+    for ``decay`` 0. After every optimizer step ``update_parameters(student)`` makes it
+    w_avg <- decay * w_avg + (1 - decay) * w (the first update copies w): what a run with
+    --ema-decay scores and saves, in place of the last step's weights, which are noisy while
+    the learning rate is still large. A copy beside the student: training is unchanged."""
+    if not decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        unwrapped(student), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+        use_buffers=True)

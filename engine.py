@@ -18,7 +18,7 @@ from checkpoints import Interrupted, rng_state, set_rng_state
 from cli import git_revision
 from compute import amp_dtype, device_name, timed
 from data import IGNORE_INDEX, VOC_CLASSES, to_model_input
-from distill import logits_of
+from distill import logits_of, unwrapped
 from files import save_json
 from metrics import confusion_matrix, nan_to_none, scores_from_confusion
 
@@ -239,7 +239,7 @@ def non_finite_message(terms, total, epoch, i, steps):
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=None, scaler=None,
-                    log_every=0, progress=True, stop_check=None, partial=None):
+                    log_every=0, progress=True, stop_check=None, partial=None, average=None):
     """One pass over ``loader``; returns the mean of every loss term as ``loss_<name>``.
 
     ``model``: a ``distill.Distiller``. ``amp``: the autocast dtype (``compute.amp_dtype``)
@@ -250,7 +250,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=None
     step, carrying the partial record that ``partial`` takes back to finish the epoch:
     its first ``step`` batches are drawn again and dropped (so the sampler and the workers'
     augmentation streams are where they were), then the random state is restored, so the
-    resumed epoch is the one an unbroken run would have had.
+    resumed epoch is the one an unbroken run would have had. ``average``: the student's
+    weight average (``distill.build_weight_average``), updated after every step.
     """
     model.train()
     stop_check = stop_check or StepCheck()
@@ -272,6 +273,8 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=None
         if bad:
             raise NonFiniteLoss(non_finite_message(terms, total, epoch, i, len(loader)))
         backward_and_step(optimizer, total, scaler)
+        if average is not None:
+            average.update_parameters(unwrapped(model.student))
         sums.add(terms, total)
         if (i + 1) % show_every == 0 and (progress or log_every):
             mean = sums.read()["total"] / sums.batches

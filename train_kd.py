@@ -12,6 +12,7 @@ checkpoints go to models/NAME_{best,last}.pth; plots to plots/.
     python train_kd.py --out no_kd --epochs 30
     python train_kd.py --out response_kd --alpha 0.5 --tau 4 --epochs 30
     python train_kd.py --out feature_kd --beta 1.0 --epochs 30 --resume models/feature_kd_last.pth
+    python train_kd.py --out combined_ema --alpha 0.5 --beta 1 --ema-decay 0.99
     python train_kd.py --out pixel_pair_kd --w-pixel 100 --w-pair 1 --teacher deeplabv3_resnet50
     python train_kd.py --out pruned_kd --init-from models/compressed/no_kd_last_pruned_channels_0.5.pth \
         --teacher lite --teacher-weights models/no_kd_last.pth --alpha 0.5 --epochs 10
@@ -44,7 +45,8 @@ from compute import (Distributed, add_compute_flags, amp_dtype, count_params,
                      device_name, grad_scaler, resolve_device, seed_everything,
                      set_compute_resources)
 from data import EpochSampler, build_dataset, eval_loader, loader
-from distill import build_distiller, build_optimizer, build_teacher, unwrapped
+from distill import (build_distiller, build_optimizer, build_teacher, build_weight_average,
+                     unwrapped)
 from engine import NonFiniteLoss, StepCheck, evaluate, train_one_epoch
 from files import StopRequest, save_json, torch_save
 from losses import KD_SCHEDULES, TERMS, DistillationCriterion, add_term_flags
@@ -89,6 +91,10 @@ def get_args_parser():
     g.add_argument("--scheduler", default="poly", choices=("plateau", "poly", "cosine"),
                    help="learning-rate schedule, stepped once per epoch (plateau watches val "
                         "mIoU)")
+    g.add_argument("--ema-decay", type=ranged(float, 0, 0.99999), default=0.0, metavar="D",
+                   help="validate and save an exponential moving average of the weights, "
+                        "updated after every step with this decay (0.99: about the last 100 "
+                        "steps), instead of the last step's; 0: off")
     g = parser.add_argument_group("model and data")
     g.add_argument("--student", default="lite", choices=STUDENT_ARCHS + BASELINE_STUDENTS,
                    help="student: 'lite' (depthwise-separable), 'lab', or torchvision's "
@@ -182,6 +188,7 @@ class Run:
     adapters: Any = None
     criterion: Any = None
     distiller: Any = None  # student, adapters, teacher (DDP-wrapped student/adapters: torchrun)
+    average: Any = None  # the weight average (--ema-decay), validated and saved as the model
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
@@ -303,6 +310,7 @@ def build_models(run):
         if run.world.enabled else None
     run.distiller = build_distiller(run.student, run.criterion,
                                     None if teacher is None else teacher.to(device), ddp)
+    run.average = build_weight_average(run.student, args.ema_decay)
     if run.distiller.adapters is not None:
         run.adapters = unwrapped(run.distiller.adapters)
     run.optimizer = build_optimizer(args.optimizer, run.distiller.trainable_parameters(),
@@ -342,7 +350,8 @@ def restore(run):
     if run.resume is not None:
         try:
             run.start_epoch, run.best_miou, partial = restore_training_state(
-                run.resume, run.student, run.adapters, run.optimizer, run.scheduler, run.scaler)
+                run.resume, run.student, run.adapters, run.optimizer, run.scheduler, run.scaler,
+                run.average)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"{run.paths['resume']}: does not fit this run ({type(exc).__name__}"
                             f": {one_line(exc, 150)}); resume with the run's own flags (--student, "
@@ -362,7 +371,7 @@ def restore(run):
 def training_state(run, epoch):
     """The checkpoint of ``run`` after ``epoch`` finished epochs."""
     return checkpoint_state(run.student, run.adapters, run.optimizer, run.scheduler, run.scaler,
-                            epoch, run.args, run.best_miou)
+                            epoch, run.args, run.best_miou, average=run.average)
 
 
 def train_epoch(run, epoch, stop):
@@ -380,7 +389,7 @@ def train_epoch(run, epoch, stop):
         losses = train_one_epoch(run.distiller, run.criterion, run.optimizer,
                                  run.loaders["train"], run.device, epoch,
                                  amp_dtype(run.device, args.amp), run.scaler, args.log_every,
-                                 args.progress, StepCheck(stop, world), partial)
+                                 args.progress, StepCheck(stop, world), partial, run.average)
     except NonFiniteLoss as exc:
         kept = f"the last good checkpoint {last} is untouched" if last.exists() \
             else "no checkpoint was written"
@@ -406,9 +415,10 @@ def validate(run, epoch):
     """Whole-set validation scores, or None in an epoch that --val-every skips."""
     if epoch % run.args.val_every and epoch != run.args.epochs:
         return None
+    model = run.student if run.average is None else run.average.module  # what is saved
     if run.world.enabled:  # DDP let each process update its BatchNorm statistics on its share
-        run.world.broadcast_buffers(run.student)
-    return evaluate(run.student, run.loaders["val"], run.device, warmup=0, desc="val",
+        run.world.broadcast_buffers(model)
+    return evaluate(model, run.loaders["val"], run.device, warmup=0, desc="val",
                     progress=run.args.progress, reduce=run.world.sum)
 
 

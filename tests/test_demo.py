@@ -75,6 +75,18 @@ def test_the_no_kd_runs_are_shared_by_every_alpha_and_beta(tmp_path, monkeypatch
     assert not {n for n, _ in a["no_kd"]} & {n for n, _ in other_tau["no_kd"]}
 
 
+def test_ema_decay_reaches_every_student_run_and_names_them_only_when_on(tmp_path, monkeypatch):
+    plain = planned_runs(tmp_path, monkeypatch)
+    off = planned_runs(tmp_path, monkeypatch, "--ema-decay", "0")
+    ema = planned_runs(tmp_path, monkeypatch, "--ema-decay", "0.99")
+    assert off == plain  # a demo without it trains and names the runs it always did
+    for method, runs in ema.items():
+        for name, argv in runs:
+            assert argv[argv.index("--ema-decay") + 1] == "0.99", method
+        assert not {n for n, _ in runs} & {n for n, _ in plain[method]}, method
+    assert all("--ema-decay" not in argv for runs in plain.values() for _, argv in runs)
+
+
 def test_a_students_sweep_named_before_alpha_and_beta_left_its_key_is_still_found(tmp_path):
     args = demo.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
     settings, teacher, shared = {"data": "settings"}, "teacher_last.pth", ["--epochs", "2"]
