@@ -196,7 +196,8 @@ def device_name(device):
                     break
     except OSError:
         pass
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({cpu}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def mps_grad_scaler_supported():
