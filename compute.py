@@ -181,23 +181,37 @@ def percentile(values, q):
 
 
 def device_name(device):
-    """A human-readable name of the hardware behind ``device`` (for reports)."""
+    """A human-readable name of the hardware behind ``device`` (for reports). On a CPU it
+    names the vector instructions as well (``cpu_features``): two CPUs that differ in them
+    run other kernels, so their float sums and int8 speeds differ."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
     import platform
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
                     break
     except OSError:
         pass
     threads = torch.get_num_threads()
-    return f"CPU ({cpu}, {threads} thread{'' if threads == 1 else 's'})"
+    return (f"CPU ({cpu}, {cpu_features(flags)}, "
+            f"{threads} thread{'' if threads == 1 else 's'})")
+
+
+def cpu_features(flags):
+    """PyTorch's kernel level on this CPU (AVX2, AVX512...) and, when /proc/cpuinfo's
+    ``flags`` show them, the int8 instructions VNNI and AMX."""
+    extra = [name for name, flag in (("VNNI", "avx512_vnni"), ("AMX", "amx_tile"))
+             if flag in flags]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *extra])
 
 
 def mps_grad_scaler_supported():

@@ -189,3 +189,13 @@ def test_busy_cores_counts_a_busy_program(monkeypatch):
     for percent, cores in ((0.0, 0), (10.0, 0), (25.0, 1), (60.0, 2), (100.0, 4)):
         monkeypatch.setattr(psutil, "cpu_percent", lambda interval, p=percent: p)
         assert compute.busy_cores() == cores
+
+
+def test_a_cpu_is_named_with_the_instructions_that_choose_its_kernels(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert compute.cpu_features({"avx2", "avx512f"}) == "AVX512"
+    assert compute.cpu_features({"avx512f", "avx512_vnni", "amx_tile"}) == "AVX512 VNNI AMX"
+    name = compute.device_name(torch.device("cpu"))  # this machine's, whatever it is
+    threads = torch.get_num_threads()
+    assert name.startswith("CPU (") and ", AVX512" in name
+    assert name.endswith(f", {threads} thread{'s' if threads > 1 else ''})")
